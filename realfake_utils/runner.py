@@ -1,0 +1,127 @@
+"""The ``realfake`` command: run the numbered notebooks of a preset with papermill.
+
+    realfake presets                         list presets
+    realfake show NAME [-p k=v ...]          print one preset, resolved per notebook
+    realfake run --preset NAME [--only 00,03] [--from 02] [-p key=value ...] [--run-dir DIR]
+
+Everything is validated (preset, parameter names, types) before the first notebook starts.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from .params import NOTEBOOK_DIR, ParamError, list_presets, notebook_names, parse_overrides, resolve
+from .rundir import RunDir
+
+KERNEL = "realfake-kit"
+
+
+def select_notebooks(only: str | None, start: str | None) -> list[str]:
+    """Notebooks to run from ``--only 00,03`` / ``--from 02`` (numbers or full names)."""
+    names = notebook_names()
+
+    def find(token: str) -> str:
+        token = token.strip()
+        hits = [n for n in names if n == token or n.split("_")[0] == token.zfill(2)]
+        if not hits:
+            raise ParamError(f"no notebook '{token}'; notebooks: {', '.join(names)}")
+        return hits[0]
+
+    if only:
+        chosen = {find(t) for t in only.split(",") if t.strip()}
+        names = [n for n in names if n in chosen]
+    if start:
+        first = find(start)
+        names = [n for n in names if n >= first]
+    return names
+
+
+def _kernel_name() -> str:
+    from jupyter_client.kernelspec import find_kernel_specs
+
+    return KERNEL if KERNEL in find_kernel_specs() else "python3"
+
+
+def run(preset: str, only: str | None = None, start: str | None = None,
+        overrides: dict | None = None, run_dir: str = "") -> RunDir:
+    """Validate everything, then execute the selected notebooks in order into the run folder."""
+    import papermill as pm
+
+    notebooks = select_notebooks(only, start)
+    if run_dir:
+        overrides = {**(overrides or {}), "run_dir": str(Path(run_dir).resolve())}
+    params = resolve(preset, overrides, notebooks)  # raises before any compute
+    run_folder = RunDir(preset, run_dir)
+    log = run_folder.root / "run.log"
+    kernel = _kernel_name()
+    os.environ["REALFAKE_RUNNER"] = "1"
+    print(f"realfake run: preset '{preset}', {len(notebooks)} notebook(s) -> {run_folder.root}", flush=True)
+    t_all = time.time()
+    for i, nb in enumerate(notebooks, 1):
+        out = run_folder.root / f"{nb}.ipynb"
+        print(f"[{i}/{len(notebooks)}] {nb} ...", end=" ", flush=True)
+        t0 = time.time()
+        try:
+            pm.execute_notebook(str(NOTEBOOK_DIR / f"{nb}.ipynb"), str(out), parameters=params[nb],
+                                kernel_name=kernel, cwd=str(NOTEBOOK_DIR), progress_bar=False)
+        except pm.PapermillExecutionError as err:
+            dt = time.time() - t0
+            print(f"FAILED after {dt:.0f}s", flush=True)
+            msg = (f"{nb} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
+                   f"  executed notebook with the traceback: {out}")
+            _log(log, f"{nb} FAILED {dt:.1f}s: {err.ename}: {err.evalue}")
+            raise SystemExit(msg) from None
+        dt = time.time() - t0
+        print(f"ok ({dt:.0f}s)", flush=True)
+        _log(log, f"{nb} ok {dt:.1f}s params={params[nb]}")
+    total = time.time() - t_all
+    print(f"done in {total / 60:.1f} min. Results: {run_folder.results}  Figures: {run_folder.figures}")
+    report = run_folder.root / "REPORT.md"
+    if report.exists():
+        print(f"Report: {report}")
+    _log(log, f"run of {notebooks} done in {total:.1f}s")
+    return run_folder
+
+
+def _log(path: Path, line: str) -> None:
+    with open(path, "a") as f:
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="realfake", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("presets", help="list presets")
+    show = sub.add_parser("show", help="print a preset resolved per notebook")
+    show.add_argument("name")
+    show.add_argument("-p", dest="params", action="append", metavar="KEY=VALUE")
+    r = sub.add_parser("run", help="run notebooks of a preset with papermill")
+    r.add_argument("--preset", default="digits")
+    r.add_argument("--only", help="comma-separated notebook numbers, e.g. 00,03")
+    r.add_argument("--from", dest="start", help="first notebook to run, e.g. 02")
+    r.add_argument("-p", dest="params", action="append", metavar="KEY=VALUE",
+                   help="override a parameter (YAML value), repeatable")
+    r.add_argument("--run-dir", default="", help="run folder (default runs/<preset>)")
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "presets":
+            for name, desc in list_presets().items():
+                print(f"{name:16s} {desc.splitlines()[0] if desc else ''}")
+        elif args.cmd == "show":
+            print(yaml.safe_dump(resolve(args.name, parse_overrides(args.params)), sort_keys=False))
+        else:
+            run(args.preset, args.only, args.start, parse_overrides(args.params), args.run_dir)
+    except ParamError as err:
+        print(f"realfake: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
