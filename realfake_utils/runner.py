@@ -16,7 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from .params import NOTEBOOK_DIR, ParamError, list_presets, notebook_names, parse_overrides, resolve
+from . import params as _params
+from .params import ParamError, list_presets, notebook_names, parse_overrides, resolve
 from .rundir import RunDir
 
 KERNEL = "realfake-kit"
@@ -51,16 +52,27 @@ def _kernel_name() -> str:
 def run(preset: str, only: str | None = None, start: str | None = None,
         overrides: dict | None = None, run_dir: str = "") -> RunDir:
     """Validate everything, then execute the selected notebooks in order into the run folder."""
-    import papermill as pm
-
     notebooks = select_notebooks(only, start)
     if run_dir:
         overrides = {**(overrides or {}), "run_dir": str(Path(run_dir).resolve())}
     params = resolve(preset, overrides, notebooks)  # raises before any compute
     run_folder = RunDir(preset, run_dir)
+    previous = os.environ.get("REALFAKE_RUNNER")
+    os.environ["REALFAKE_RUNNER"] = "1"  # the kernel inherits it: notebooks keep injected values
+    try:
+        return _execute(notebooks, params, run_folder, preset)
+    finally:
+        if previous is None:
+            os.environ.pop("REALFAKE_RUNNER", None)
+        else:
+            os.environ["REALFAKE_RUNNER"] = previous
+
+
+def _execute(notebooks: list[str], params: dict, run_folder: RunDir, preset: str) -> RunDir:
+    import papermill as pm
+
     log = run_folder.root / "run.log"
     kernel = _kernel_name()
-    os.environ["REALFAKE_RUNNER"] = "1"
     print(f"realfake run: preset '{preset}', {len(notebooks)} notebook(s) -> {run_folder.root}", flush=True)
     t_all = time.time()
     for i, nb in enumerate(notebooks, 1):
@@ -68,8 +80,8 @@ def run(preset: str, only: str | None = None, start: str | None = None,
         print(f"[{i}/{len(notebooks)}] {nb} ...", end=" ", flush=True)
         t0 = time.time()
         try:
-            pm.execute_notebook(str(NOTEBOOK_DIR / f"{nb}.ipynb"), str(out), parameters=params[nb],
-                                kernel_name=kernel, cwd=str(NOTEBOOK_DIR), progress_bar=False)
+            pm.execute_notebook(str(_params.NOTEBOOK_DIR / f"{nb}.ipynb"), str(out), parameters=params[nb],
+                                kernel_name=kernel, cwd=str(_params.NOTEBOOK_DIR), progress_bar=False)
         except pm.PapermillExecutionError as err:
             dt = time.time() - t0
             print(f"FAILED after {dt:.0f}s", flush=True)
