@@ -4,7 +4,8 @@ A preset file has an optional ``extends: <preset>``, a ``description``, a ``shar
 to every notebook that declares them) and one section per notebook (``00_theory_checks:`` ...).
 Resolution for one notebook is
 
-    parameters-cell defaults  <-  extended preset  <-  shared  <-  notebook section  <-  overrides
+    parameters-cell defaults  <-  each file of the extends chain, base first
+                                  (its shared section, then its notebook section)  <-  overrides
 
 The parameters cell of each notebook holds the embedded default (``digits``), so a notebook runs as-is
 in JupyterLab. Every key is checked against ``papermill.inspect_notebook`` and every value against the
@@ -69,8 +70,8 @@ def list_presets() -> dict[str, str]:
     return out
 
 
-def load_preset(name: str, _seen: tuple = ()) -> dict[str, dict[str, Any]]:
-    """Read a preset and its ``extends`` chain into {section: {key: value}} (unvalidated)."""
+def load_layers(name: str, _seen: tuple = ()) -> list[tuple[str, dict[str, dict[str, Any]]]]:
+    """The ``extends`` chain of a preset, base first: [(file name, {section: {key: value}}), ...]."""
     path = PRESET_DIR / f"{name}.yaml"
     if not path.exists():
         known = ", ".join(list_presets())
@@ -80,15 +81,23 @@ def load_preset(name: str, _seen: tuple = ()) -> dict[str, dict[str, Any]]:
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ParamError(f"{path}: a preset is a mapping of sections")
-    merged: dict[str, dict[str, Any]] = {}
-    if raw.get("extends"):
-        merged = load_preset(raw["extends"], _seen + (name,))
+    layers = load_layers(raw["extends"], _seen + (name,)) if raw.get("extends") else []
+    sections = {}
     for section, values in raw.items():
-        if section in ("extends", "description", "paper_vs_official"):
+        if section in RESERVED and section != "shared":
             continue
         if not isinstance(values, dict):
             raise ParamError(f"{path}: section '{section}' must be a mapping of key: value")
-        merged.setdefault(section, {}).update(values)
+        sections[section] = values
+    return layers + [(f"params/{name}.yaml", sections)]
+
+
+def load_preset(name: str) -> dict[str, dict[str, Any]]:
+    """A preset with its ``extends`` chain merged into {section: {key: value}} (unvalidated)."""
+    merged: dict[str, dict[str, Any]] = {}
+    for _, sections in load_layers(name):
+        for section, values in sections.items():
+            merged.setdefault(section, {}).update(values)
     return merged
 
 
@@ -135,24 +144,24 @@ def resolve(preset: str, overrides: dict[str, Any] | None = None,
     overrides = dict(overrides or {})
     all_nbs = notebook_names()
     notebooks = notebooks or all_nbs
-    sections = load_preset(preset)
+    layers = load_layers(preset)
     defaults = {nb: notebook_defaults(nb) for nb in all_nbs}
     declared = {k for d in defaults.values() for k in d}
-    origin = f"params/{preset}.yaml"
-    for section, values in sections.items():
-        if section == "shared":
-            for key in values:
-                if key not in declared:
-                    raise ParamError(f"{origin}: shared parameter '{key}' is not a parameter of any "
-                                     f"notebook; check the spelling (known: {sorted(declared)})")
-        elif section not in defaults:
-            raise ParamError(f"{origin}: section '{section}' is not a notebook; notebooks: {all_nbs}")
-        else:
-            for key in values:
-                if key not in defaults[section]:
-                    raise ParamError(
-                        f"{origin}: '{key}' is not a parameter of notebook {section}; "
-                        f"its parameters are {sorted(defaults[section])}")
+    for origin, sections in layers:
+        for section, values in sections.items():
+            if section == "shared":
+                for key in values:
+                    if key not in declared:
+                        raise ParamError(f"{origin}: shared parameter '{key}' is not a parameter of any "
+                                         f"notebook; check the spelling (known: {sorted(declared)})")
+            elif section not in defaults:
+                raise ParamError(f"{origin}: section '{section}' is not a notebook; notebooks: {all_nbs}")
+            else:
+                for key in values:
+                    if key not in defaults[section]:
+                        raise ParamError(
+                            f"{origin}: '{key}' is not a parameter of notebook {section}; "
+                            f"its parameters are {sorted(defaults[section])}")
     for key in overrides:
         if key not in declared:
             raise ParamError(f"-p {key}=...: '{key}' is not a parameter of any notebook; "
@@ -162,10 +171,11 @@ def resolve(preset: str, overrides: dict[str, Any] | None = None,
     out = {}
     for nb in notebooks:
         params = dict(defaults[nb])
-        for source, values in (("shared", sections.get("shared", {})), (nb, sections.get(nb, {}))):
-            for key, value in values.items():
-                if key in params:
-                    params[key] = _check(nb, key, defaults[nb][key], value, f"{origin} [{source}]")
+        for origin, sections in layers:  # base file first; in each file shared, then the section
+            for source in ("shared", nb):
+                for key, value in sections.get(source, {}).items():
+                    if key in params:
+                        params[key] = _check(nb, key, defaults[nb][key], value, f"{origin} [{source}]")
         for key, value in overrides.items():
             if key in params:
                 params[key] = _check(nb, key, defaults[nb][key], value, f"-p {key}")

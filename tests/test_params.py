@@ -110,3 +110,8 @@ def test_every_shipped_preset_resolves():
     for name in names:
         out = resolve(name)
         assert set(out) == set(params.notebook_names())
+
+
+def test_a_child_shared_value_beats_a_parent_section(world):
+    (world / "params" / "child.yaml").write_text("extends: small\nshared:\n  steps: 9\n")
+    assert resolve("child")["01_beta"]["steps"] == 9  # small.yaml's 01_beta: steps: 2 is older
