@@ -1,0 +1,204 @@
+"""LoRA fine-tuning: variant names, deterministic data order, the loss switches, stock LoRA loading,
+the command line, and kill-and-resume (no step lost or repeated, same weights as an uninterrupted run)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from realfake_utils import finetune as ft
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parent.parent
+CLASSES = ["zero", "one", "two"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny SD pipeline folder and a 12-image training set with 32-d 'CLIP' embeddings."""
+    from realfake_utils import models
+
+    root = tmp_path_factory.mktemp("ft")
+    base = models.build_tiny_sd(root / "base", sample_size=16, words=CLASSES)
+    g = torch.Generator().manual_seed(0)
+    n = 12
+    labels = torch.arange(n) % len(CLASSES)
+    ts = ft.TrainSet(images=torch.randint(0, 256, (n, 3, 16, 16), generator=g, dtype=torch.uint8),
+                     prompts=[f"photo of {CLASSES[int(c)]}" for c in labels], labels=labels,
+                     image_embeds=torch.randn(n, 32, generator=g), ids=[f"i{i}" for i in range(n)],
+                     class_names=CLASSES)
+    ts_path = ft.save_train_set(root / "train_set.safetensors", ts)
+    return {"root": root, "base": str(base), "ts": ts, "ts_path": str(ts_path)}
+
+
+def _cfg(tiny, out, **kw):
+    d = dict(base_model=tiny["base"], output_dir=str(out), max_train_steps=4, train_batch_size=4,
+             learning_rate=1e-2, lora_rank=2, lora_alpha=2.0, checkpoint_every=2, device="cpu")
+    d.update(kw)
+    return ft.FinetuneConfig(**d)
+
+
+def test_variant_names_round_trip():
+    assert ft.variant_name(True, True, True) == "lora-dm-vg"
+    assert ft.variant_name(True, False, False) == "lora-nodm-novg"
+    assert ft.variant_name(True, True, True, "official") == "lora-dmofficial-vg"
+    assert ft.variant_name(False, True, True) == "base-vg"
+    for name in ("lora-dm-vg", "lora-nodm-vg", "lora-dm-novg", "lora-nodm-novg", "lora-dmofficial-vg",
+                 "base-vg", "base-novg"):
+        v = ft.parse_variant(name)
+        assert ft.variant_name(v["finetune"], v["dm_loss"], v["visual_guidance"], v["dm_loss_form"]) == name
+    with pytest.raises(ValueError):
+        ft.parse_variant("lora-xx-vg")
+
+
+def test_batch_order_is_seeded_per_epoch_and_sharded():
+    n, bs = 10, 4
+    stream = [i for m in range(5) for i in ft.batch_indices(m, bs, n, seed=3)]   # 20 items = 2 epochs
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:]) == list(range(10))
+    assert stream[:10] != stream[10:]                                               # reshuffled
+    assert ft.batch_indices(7, bs, n, seed=3) == ft.batch_indices(7, bs, n, seed=3)  # pure function
+    a, b = ft.batch_indices(2, 2, n, 3, rank=0, world=2), ft.batch_indices(2, 2, n, 3, rank=1, world=2)
+    assert a + b == ft.batch_indices(2, 4, n, 3)                                    # ranks split a batch
+
+
+def test_loss_switches_and_guidance_token(tiny):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    unet = UNet2DConditionModel.from_pretrained(tiny["base"], subfolder="unet")
+    sched = DDPMScheduler.from_pretrained(tiny["base"], subfolder="scheduler")
+    tok = CLIPTokenizer.from_pretrained(tiny["base"], subfolder="tokenizer")
+    te = CLIPTextModel.from_pretrained(tiny["base"], subfolder="text_encoder")
+    emb = tiny["ts"].image_embeds[:2]
+    with torch.no_grad():
+        plain = ft.condition(te, tok, ["photo of one", "photo of two"])
+        guided = ft.condition(te, tok, ["photo of one", "photo of two"], emb)
+    assert torch.equal(guided[:, :-1], plain[:, :-1]) and torch.allclose(guided[:, -1], emb)
+    with pytest.raises(ValueError, match="hidden size"):
+        ft.condition(te, tok, ["photo of one"], torch.zeros(1, 7))
+    lat = torch.randn(2, 4, 8, 8)
+    out = {}
+    for dm in (False, True):
+        for form in ("paper", "official"):
+            cfg = ft.FinetuneConfig(base_model="x", dm_loss=dm, dm_loss_form=form, snr_gamma=5.0)
+            with torch.no_grad():
+                out[dm, form] = ft.diffusion_loss(unet, lat, guided, sched, cfg, ft.step_generator(0, 0))
+    assert out[False, "paper"][2] == 0 and out[True, "paper"][2] > 0
+    assert torch.equal(out[True, "paper"][1], out[False, "paper"][1])   # same noise/timesteps
+    assert not torch.equal(out[True, "paper"][2], out[True, "official"][2])
+    assert torch.allclose(out[True, "official"][0], out[True, "official"][1] + out[True, "official"][2])
+
+
+def test_train_save_and_stock_load(tiny, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "lora-dm-vg"
+    s = ft.train_lora(_cfg(tiny, out), tiny["ts"])
+    assert s["steps"] == 4 and not s["reused"] and (out / ft.LORA_WEIGHT_NAME).exists()
+    assert [h["step"] for h in ft.read_history(out)] == [0, 1, 2, 3]
+    assert all(h["l_dm"] > 0 for h in ft.read_history(out))
+    assert not (out / "checkpoints").exists()                   # removed once the weights are final
+    assert ft.train_lora(_cfg(tiny, out), tiny["ts"])["reused"]  # same config: cached
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny["base"], safety_checker=None,
+                                                   requires_safety_checker=False)
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
+    ctx = torch.randn(1, pipe.tokenizer.model_max_length, 32)
+    with torch.no_grad():
+        before = pipe.unet(x, t, ctx).sample
+        pipe.load_lora_weights(str(out))                         # stock diffusers loading
+        after = pipe.unet(x, t, ctx).sample
+    assert not torch.allclose(before, after)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / ft.LORA_WEIGHT_NAME))
+    n_proj = sum(1 for k in saved if k.endswith("lora.down.weight") or k.endswith("lora_A.weight"))
+    assert n_proj == sum(1 for n, _ in pipe.unet.named_modules()
+                         if n.endswith(("attn1.to_q", "attn2.to_q"))) * 4       # q, k, v, out.0
+    # samples per class with the visual guidance token through the stock pipeline
+    imgs, labels = ft.sample_per_class(pipe, CLASSES, 2, class_embeds=torch.randn(3, 32),
+                                       num_inference_steps=2)
+    assert imgs.shape == (6, 3, 16, 16) and imgs.dtype == torch.uint8 and labels.tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def _weights(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(out) / ft.LORA_WEIGHT_NAME))
+
+
+def test_kill_and_resume(tiny, tmp_path):
+    """A `python -m realfake_utils.finetune` run is SIGKILLed after its first checkpoint, then resumed:
+    the step log is exactly 0..N-1 once, and the weights equal those of an uninterrupted run."""
+    n_steps = 8
+    ref = tmp_path / "ref"
+    ft.train_lora(_cfg(tiny, ref, max_train_steps=n_steps, gradient_accumulation_steps=2), tiny["ts"])
+    out = tmp_path / "killed"
+    argv = ["--train-set", tiny["ts_path"], "--base-model", tiny["base"], "--output-dir", str(out),
+            "--max-train-steps", str(n_steps), "--train-batch-size", "4", "--learning-rate", "1e-2",
+            "--lora-rank", "2", "--lora-alpha", "2", "--checkpoint-every", "2",
+            "--gradient-accumulation-steps", "2", "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "realfake_utils.finetune", *argv,
+                             "--sleep-per-step", "0.4"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 60
+    try:
+        while time.time() < deadline:
+            if ft.latest_checkpoint(out) is not None and len(ft.read_history(out)) >= 3:
+                break
+            if proc.poll() is not None:
+                pytest.fail("run ended before it could be killed:\n" + proc.stdout.read().decode())
+            time.sleep(0.05)
+        else:
+            pytest.fail("no checkpoint within 60 s")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    killed_at = len(ft.read_history(out))
+    assert 0 < killed_at < n_steps and not (out / ft.LORA_WEIGHT_NAME).exists()
+    summary = ft.main(argv)                                   # resume: the same command again
+    assert summary["resumed_from_step"] >= 2 and summary["steps"] == n_steps
+    assert [h["step"] for h in ft.read_history(out)] == list(range(n_steps))
+    ref_w, got_w = _weights(ref), _weights(out)
+    assert ref_w.keys() == got_w.keys()
+    for k in ref_w:
+        torch.testing.assert_close(got_w[k], ref_w[k], rtol=0, atol=1e-6)
+    assert ft.read_history(out) == ft.read_history(ref)
+
+
+def test_cli_rejects_base_variant(tiny, tmp_path):
+    with pytest.raises(SystemExit):
+        ft.main(["--variant", "base-vg", "--train-set", tiny["ts_path"], "--base-model", tiny["base"],
+                 "--output-dir", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        ft.build_parser().parse_args(["--dm-loss", "maybe"])
+
+
+def test_build_train_set_from_run_folder(tmp_path):
+    """The notebook's glue: target train split of a run folder -> images, prompts, CLIP embeddings."""
+    from realfake_utils import data, models
+
+    art = tmp_path / "artifacts"
+    data.prepare_data("digits", "", art / "data", {"pool": 0.9, "train": 0.05, "test": 0.05}, seed=0)
+    clip = models.build_tiny_clip(tmp_path / "clip", image_size=16, projection_dim=32)
+    (art / "captions.json").write_text(json.dumps({}))
+    path = ft.build_train_set(tmp_path, 16, clip_model=str(clip), device="cpu")
+    ts = ft.load_train_set(path)
+    rows = data.read_manifest(art / "data" / "manifest.csv", split="train")
+    assert len(ts) == len(rows) and ts.images.shape[1:] == (3, 16, 16) and ts.images.dtype == torch.uint8
+    assert ts.image_embeds.shape == (len(rows), 32) and ts.ids == [r["id"] for r in rows]
+    assert ts.prompts[0] == f"photo of {rows[0]['class_name']}" and ts.labels.tolist() == [r["label"] for r in rows]
+    mtime = path.stat().st_mtime_ns
+    assert ft.build_train_set(tmp_path, 16, clip_model=str(clip), device="cpu") == path
+    assert path.stat().st_mtime_ns == mtime                       # unchanged content: not rewritten

@@ -1,0 +1,228 @@
+"""LiRA: score, attacks against closed-form optimal ROCs, a planted-member attack, shadow bookkeeping."""
+import numpy as np
+import pytest
+from scipy.stats import norm
+
+from realfake_utils import lira
+
+
+# ---------------------------------------------------------------- phi
+def test_phi_matches_direct_formula_and_is_stable():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(50, 3, 7))
+    labels = rng.integers(0, 7, size=50)
+    phi = lira.logit_scaled_confidence(logits, labels)
+    p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    py = np.take_along_axis(p, np.broadcast_to(labels[:, None, None], (50, 3, 1)), -1)[..., 0]
+    assert phi.shape == (50, 3)
+    np.testing.assert_allclose(phi, np.log(py) - np.log(1 - py), rtol=1e-9, atol=1e-9)
+    # huge logit gaps: naive softmax gives p=1 (phi=inf) or p=0 (phi=-inf); ours stays finite
+    big = np.array([[2000.0, 0.0, -5.0], [0.0, 3000.0, 1.0]])
+    phi_big = lira.logit_scaled_confidence(big, np.array([0, 0]))
+    assert np.isfinite(phi_big).all()
+    np.testing.assert_allclose(phi_big[0], 2000 - np.logaddexp(0.0, -5.0), rtol=1e-12)
+    np.testing.assert_allclose(phi_big[1], -3000 + 0.0 - np.log1p(np.exp(1 - 3000)) + 0, atol=1e-9)
+
+
+def test_phi_accepts_torch():
+    torch = pytest.importorskip("torch")
+    z = torch.randn(4, 2, 5)
+    y = torch.tensor([0, 1, 2, 3])
+    np.testing.assert_allclose(lira.logit_scaled_confidence(z, y), lira.logit_scaled_confidence(z.numpy(), y.numpy()))
+
+
+def test_balanced_masks():
+    m = lira.balanced_masks(16, 300, seed=1)
+    assert m.shape == (16, 300) and (m.sum(0) == 8).all()
+    assert not np.array_equal(m, lira.balanced_masks(16, 300, seed=2))
+    with pytest.raises(ValueError, match="even"):
+        lira.balanced_masks(5, 10)
+
+
+# ---------------------------------------------------------------- closed form
+def _gaussian_world(n_ex, n_models, d, sigma=1.0, sigma_in=None, seed=0, q=1):
+    """Per-example out-mean mu_i, in-mean mu_i + d*sigma; shadow and target scores drawn from them."""
+    rng = np.random.default_rng(seed)
+    sigma_in = sigma if sigma_in is None else sigma_in
+    mu = rng.normal(0, 3, size=n_ex)  # examples differ a lot: a global threshold is weak
+    masks = lira.balanced_masks(n_models, n_ex, seed)
+    noise = rng.normal(size=(n_models, n_ex, q))
+    shadow = np.where(masks[..., None], mu[None, :, None] + d * sigma + sigma_in * noise,
+                      mu[None, :, None] + sigma * noise)
+    member = rng.uniform(size=n_ex) < 0.5
+    tn = rng.normal(size=(n_ex, q))
+    target = np.where(member[:, None], mu[:, None] + d * sigma + sigma_in * tn, mu[:, None] + sigma * tn)
+    return shadow, masks, target, member
+
+
+@pytest.mark.parametrize("attack", lira.ATTACKS)
+def test_roc_matches_closed_form_optimum(attack):
+    """Equal-variance Gaussians in/out with shift d: the optimal test's ROC is
+    TPR = Phi(Phi^-1(FPR) + d); every LiRA variant must reach it (the global threshold must not)."""
+    d = 1.5
+    shadow, masks, target, member = _gaussian_world(10000, 256, d, seed=3)
+    fprs = (0.01, 0.1)
+    m = lira.attack_metrics(lira.lira_scores(shadow, masks, target, attack), member, fprs=fprs)
+    # the oracle knows the true means: its empirical ROC is the closed form up to sampling error
+    rng = np.random.default_rng(3)
+    oracle = lira.attack_metrics(target[:, 0] - rng.normal(0, 3, size=10000), member, fprs=fprs)
+    for f, key in ((0.01, "tpr_at_1pct_fpr"), (0.1, "tpr_at_10pct_fpr")):
+        exact = norm.cdf(norm.ppf(f) + d)
+        assert oracle[key] == pytest.approx(exact, abs=0.035), (f, oracle[key], exact)
+        assert m[key] == pytest.approx(exact, abs=0.05), (attack, f, m[key], exact)
+        assert m[key] == pytest.approx(oracle[key], abs=0.025), (attack, f, m[key], oracle[key])
+    assert m["auc"] == pytest.approx(norm.cdf(d / np.sqrt(2)), abs=0.015)
+    assert m["balanced_accuracy"] == pytest.approx(norm.cdf(d / 2), abs=0.015)
+    base = lira.attack_metrics(lira.global_threshold_scores(target), member)
+    assert base["auc"] < m["auc"] - 0.1
+
+
+def test_online_beats_offline_when_in_variance_differs():
+    """In-scores much tighter than out-scores: the likelihood ratio (online) uses it, the one-sided
+    offline test cannot; the online TPR at low FPR matches the closed-form Neyman-Pearson optimum."""
+    d, s_in = 1.0, 0.3
+    shadow, masks, target, member = _gaussian_world(20000, 64, d, sigma_in=s_in, seed=4)
+    on = lira.attack_metrics(lira.lira_scores(shadow, masks, target, "online"), member, fprs=(0.01, 0.1))
+    off = lira.attack_metrics(lira.lira_scores(shadow, masks, target, "offline"), member, fprs=(0.01, 0.1))
+    assert on["auc"] > off["auc"] + 0.03
+    # closed form: LR is monotone in |z - c| around the in-mean; compute the optimal ROC exactly
+    # on a fine grid of thresholds of the true likelihood ratio, with z = (phi - mu)/sigma.
+    zz = np.linspace(-12, 12, 400001)
+    llr = norm.logpdf(zz, d, s_in) - norm.logpdf(zz, 0, 1)
+    order = np.argsort(-llr)
+    dz = zz[1] - zz[0]
+    tpr = np.cumsum(norm.pdf(zz[order], d, s_in)) * dz
+    fpr = np.cumsum(norm.pdf(zz[order])) * dz
+    opt = tpr[np.searchsorted(fpr, 0.01)]
+    assert on["tpr_at_1pct_fpr"] == pytest.approx(opt, abs=0.04)
+    assert on["tpr_at_10pct_fpr"] > off["tpr_at_10pct_fpr"] + 0.2
+
+
+def test_two_queries_average_and_leave_one_out():
+    shadow, masks, target, member = _gaussian_world(3000, 16, 1.0, seed=5, q=2)
+    s = lira.lira_scores(shadow, masks, target, "online_fixed")
+    assert s.shape == (3000,)
+    preds, labels = lira.leave_one_out(shadow, masks, "offline_fixed", targets=[0, 1])
+    assert preds.shape == labels.shape == (6000,)
+    assert lira.attack_metrics(preds, labels)["auc"] > 0.7
+
+
+def test_metric_edge_cases():
+    m = lira.attack_metrics(np.array([3.0, 2.0, 1.0, 0.0]), np.array([1, 1, 0, 0]))
+    assert m["auc"] == 1 and m["balanced_accuracy"] == 1 and m["tpr_at_0.1pct_fpr"] == 1
+    assert m["min_resolvable_fpr"] == 0.5
+    with pytest.raises(ValueError, match="both"):
+        lira.attack_metrics(np.zeros(3), np.ones(3))
+    fig = lira.plot_roc({"x": m})
+    assert fig.axes[0].get_xscale() == "log" and fig.axes[0].get_xlim()[0] == pytest.approx(1e-5)
+
+
+# ---------------------------------------------------------------- planted members
+def _digits_half(seed=0, n=400, noise=0.3):
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(x))[:n]
+    x, y = x[idx] / 16.0, y[idx].copy()
+    flip = rng.uniform(size=n) < noise  # mislabelled examples: only memorisation fits them
+    y[flip] = rng.integers(0, 10, size=flip.sum())
+    return x.astype(np.float32), y
+
+
+def _overfit_trainer(x, y, width=1024, ridge=1e-2, scale=10.0):
+    """A fast, badly overfitted classifier: a two-layer network whose first layer is random (ReLU
+    features of the 8x8 image) and whose second is fitted in closed form (kernel ridge, dual form) to
+    interpolate the members' one-hot labels. Queries: the image and its horizontal flip."""
+    xq = np.stack([x, x.reshape(-1, 8, 8)[:, :, ::-1].reshape(-1, 64)], 1)  # [n, 2, 64]
+    onehot = np.eye(10)[y] * scale
+
+    def train(members, k):
+        rng = np.random.default_rng(1000 + k)
+        w = rng.normal(size=(64, width)) / 4.0
+        b = rng.normal(size=width)
+        feats = np.maximum(xq @ w + b, 0) / np.sqrt(width)  # [n, 2, width]
+        h = feats[members, 0]
+        alpha = np.linalg.solve(h @ h.T + ridge * np.eye(len(members)), onehot[members])
+        return feats @ (h.T @ alpha)  # logits [n, 2, 10]
+
+    return train
+
+
+def test_planted_members_overfitted_model_is_attacked(tmp_path):
+    x, y = _digits_half()
+    train = _overfit_trainer(x, y)
+    calls = []
+
+    def counted(members, k):
+        calls.append(k)
+        return train(members, k)
+
+    # shadow models in two shards (as two processes would), then a resumed call trains nothing
+    assert lira.run_shadow_models(counted, y, tmp_path, n_models=16, shard="0:8", log=None) == list(range(8))
+    with pytest.raises(FileNotFoundError, match="not finished"):
+        lira.load_shadow_scores(tmp_path)
+    lira.run_shadow_models(counted, y, tmp_path, n_models=16, shard="8:16", log=None)
+    assert lira.run_shadow_models(counted, y, tmp_path, n_models=16, log=None) == []
+    assert sorted(calls) == list(range(16))
+    shadow, masks = lira.load_shadow_scores(tmp_path)
+    assert shadow.shape == (16, 400, 2) and (masks.sum(0) == 8).all()
+
+    # the target: trained on a planted half the shadows never saw as a unit
+    member = np.random.default_rng(99).uniform(size=400) < 0.5
+    target = lira.logit_scaled_confidence(train(np.flatnonzero(member), 1000), y[:, None])
+    res = {a: lira.attack_metrics(lira.lira_scores(shadow, masks, target, a), member) for a in lira.ATTACKS}
+    on = res["online"]
+    assert on["auc"] > 0.8 and on["tpr_at_1pct_fpr"] > 0.2, lira.summary(on)
+    base = lira.attack_metrics(lira.global_threshold_scores(target), member)
+    assert on["tpr_at_1pct_fpr"] > base["tpr_at_1pct_fpr"] + 0.2  # shadow models are what makes it work
+    assert res["online_fixed"]["tpr_at_1pct_fpr"] > 0.2 and res["offline_fixed"]["auc"] > 0.65
+    # a model that never saw the data: the same attack is at chance
+    fresh = lira.logit_scaled_confidence(train(np.flatnonzero(~member), 1001), y[:, None])
+    ctrl = lira.attack_metrics(lira.lira_scores(shadow, masks, fresh, "online"), member)
+    assert ctrl["auc"] < 0.5  # the non-members of the control are the members of the labelling
+
+
+def test_shadow_dir_refuses_other_configuration(tmp_path):
+    y = np.arange(10) % 3
+    lira.prepare_shadow_dir(tmp_path, y, 4, seed=0, config={"epochs": 1})
+    lira.prepare_shadow_dir(tmp_path, y, 4, seed=0, config={"epochs": 1})  # same: fine
+    with pytest.raises(ValueError, match="another configuration"):
+        lira.prepare_shadow_dir(tmp_path, y, 4, seed=0, config={"epochs": 2})
+    assert lira.parse_shard("2:4", 8) == [2, 3] and lira.parse_shard("", 3) == [0, 1, 2]
+    with pytest.raises(ValueError, match="out of range"):
+        lira.parse_shard("6:9", 8)
+
+
+def test_few_shadow_models():
+    shadow, masks, target, member = _gaussian_world(200, 2, 2.0, seed=6)
+    with pytest.raises(ValueError, match="fewer than 2"):
+        lira.lira_scores(shadow, masks, target, "online")
+    with pytest.raises(ValueError, match="at least 2"):
+        lira.lira_scores(shadow, masks, target, "online_fixed")
+    preds, labels = lira.leave_one_out(*_gaussian_world(200, 4, 2.0, seed=7)[:2], "offline_fixed")
+    assert np.isfinite(preds).all() and labels.sum() == 400
+
+
+def test_shadow_models_with_the_kits_classifier_trainer(tmp_path):
+    """The glue to classify.train_classifier: two tiny shadow models, resumable, queried with flips."""
+    torch = pytest.importorskip("torch")
+    from realfake_utils import classify
+    from realfake_utils.data import digits_array
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convolutions on a shared CPU: one thread is fastest
+    images = digits_array(range(40), 16)
+    labels = torch.from_numpy(np.arange(40) % 10)
+    recipe = classify.load_recipe("miniature", image_size=16, epochs=1, batch_size=20)
+    train = lira.classifier_trainer(images, labels, tmp_path / "models", 10, recipe, seed=0, device="cpu")
+    assert lira.run_shadow_models(train, labels.numpy(), tmp_path / "scores", n_models=2, log=None) == [0, 1]
+    scores, masks = lira.load_shadow_scores(tmp_path / "scores")
+    assert scores.shape == (2, 40, 2) and np.isfinite(scores).all() and (masks.sum(0) == 1).all()
+    assert (tmp_path / "models" / "model_000" / "metrics.json").exists()
+    model = classify.load_classifier(tmp_path / "models" / "model_001")
+    logits = lira.query_logits(model, images)
+    np.testing.assert_allclose(lira.logit_scaled_confidence(logits, labels.numpy()[:, None]), scores[1], rtol=1e-5)
+    img, y = lira.TensorImages(images, labels)[3]
+    assert img.size == (16, 16) and y == 3
+    torch.set_num_threads(threads)

@@ -1,0 +1,116 @@
+"""SSCD copy retrieval: SHA-checked TorchScript loading, preprocessing, chunked top-k, score
+normalisation, and planted copies found by a miniature descriptor trained self-supervised here."""
+import numpy as np
+import pytest
+import torch
+
+from realfake_utils import sscd
+
+
+
+class _Flat(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_load_descriptor_checks_sha256_before_loading(tmp_path):
+    path = tmp_path / "d.torchscript.pt"
+    torch.jit.script(_Flat()).save(str(path))
+    good = sscd.sha256_file(path)
+    model = sscd.load_descriptor(path, good.upper())
+    assert model(torch.ones(2, 3, 2, 2)).shape == (2, 12)
+    with pytest.raises(sscd.ChecksumError) as err:
+        sscd.load_descriptor(path, "0" * 64)
+    assert good in str(err.value) and "0" * 64 in str(err.value)
+    with pytest.raises(sscd.ChecksumError, match=good):
+        sscd.load_descriptor(path, "")
+    with pytest.raises(FileNotFoundError):
+        sscd.load_descriptor(tmp_path / "missing.pt", good)
+
+
+def test_preprocess_sizes_and_normalisation():
+    img = torch.full((2, 3, 48, 64), 255, dtype=torch.uint8)
+    x = sscd.preprocess(img, 288, "short_side")
+    assert x.shape == (2, 3, 288, 384)
+    expect = (1 - torch.tensor(sscd.IMAGENET_MEAN)) / torch.tensor(sscd.IMAGENET_STD)
+    torch.testing.assert_close(x[0, :, 5, 5], expect)
+    assert sscd.preprocess(img, 320, "square").shape == (2, 3, 320, 320)
+    with pytest.raises(ValueError, match="short_side"):
+        sscd.preprocess(img, 10, "long_side")
+
+
+def test_topk_chunked_matches_brute_force_and_background_norm():
+    g = torch.Generator().manual_seed(0)
+    q, r = torch.randn(37, 8, generator=g), torch.randn(50, 8, generator=g)
+    sims, idx = sscd.topk_similar(q, r, k=5, chunk_size=4, device="cpu")
+    full = torch.nn.functional.normalize(q, dim=1) @ torch.nn.functional.normalize(r, dim=1).T
+    v, j = full.topk(5, dim=1)
+    torch.testing.assert_close(sims, v)
+    assert torch.equal(idx, j)
+    s_self, i_self = sscd.topk_similar(r, r, k=3, chunk_size=7, exclude_self=True)
+    assert not (i_self == torch.arange(50)[:, None]).any()
+    bg = torch.randn(20, 8, generator=g)
+    norm = sscd.background_normalize(sims, q, bg, beta=0.5, first=0, last=2)
+    b, _ = sscd.topk_similar(q, bg, k=3)
+    torch.testing.assert_close(norm, sims - 0.5 * b.mean(1, keepdim=True))
+    st = sscd.copy_stats(np.array([0.2, 0.6, 0.8, 0.9]))
+    assert st["share_above_0.5"] == 0.75 and st["share_above_0.75"] == 0.5 and st["count_above_0.75"] == 2
+
+
+def _tinted_digits(indices, seed):
+    """Digits drawn in a random colour on a random background: small "photos" that differ in more
+    than the stroke shape (plain grey digits of one class are near-duplicates of each other)."""
+    from realfake_utils.data import digits_array
+
+    x = digits_array(indices, 16).float() / 255.0
+    g = torch.Generator().manual_seed(seed)
+    fg, bg = torch.rand(len(x), 3, 1, 1, generator=g), torch.rand(len(x), 3, 1, 1, generator=g)
+    return ((x * fg + (1 - x) * bg) * 255).round().to(torch.uint8)
+
+
+@pytest.fixture
+def one_thread():
+    """Small convolutions on a shared CPU: one thread is several times faster than two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_planted_copies_are_found_by_the_miniature_descriptor(tmp_path, one_thread):
+    real = _tinted_digits(range(200), seed=0)  # the "training images"
+    others = _tinted_digits(range(1000, 1060), seed=1)  # unrelated images among the synthetic ones
+    path, sha = sscd.train_miniature_descriptor(real, tmp_path / "mini.pt", size=16, steps=80,
+                                                batch_size=64, width=8, log_every=0)
+    assert sscd.recorded_sha256(path) == sha == sscd.sha256_file(path)
+    mtime = path.stat().st_mtime_ns
+    assert sscd.train_miniature_descriptor(real, path, size=16, steps=80, batch_size=64, width=8,
+                                           log_every=0) == (path, sha)  # cached: not retrained
+    assert path.stat().st_mtime_ns == mtime
+    model = sscd.load_descriptor(path, sha)  # the TorchScript file, through the checked loader
+
+    sources = [3, 42, 77, 150, 199]
+    planted, kinds = [], []
+    for s in sources:
+        for kind, img in sscd.near_copies(real[s], crop=0.9, jitter=1.15, saturation=0.8, quality=50).items():
+            planted.append(img)
+            kinds.append((s, kind))
+    synthetic = torch.cat([others[:30], torch.stack(planted), others[30:]])
+    offset = 30
+    d_syn = sscd.compute_descriptors(model, synthetic, size=16, mode="square", batch_size=32)
+    d_real = sscd.compute_descriptors(model, real, size=16, mode="square")
+    assert torch.allclose(d_syn.norm(dim=1), torch.ones(len(d_syn)), atol=1e-5)
+    sims, idx = sscd.topk_similar(d_syn, d_real, k=5, chunk_size=16)
+    for j, (s, kind) in enumerate(kinds):
+        assert int(idx[offset + j, 0]) == s, (kind, s, idx[offset + j].tolist())
+        assert float(sims[offset + j, 0]) > sscd.COPY_THRESHOLD, (kind, float(sims[offset + j, 0]))
+        if kind == "exact":
+            assert float(sims[offset + j, 0]) == pytest.approx(1.0, abs=1e-4)
+    # exact copies are the most similar synthetic images of all
+    strong = [offset + j for j, (_, k) in enumerate(kinds) if k == "exact"]
+    top = torch.argsort(sims[:, 0], descending=True)[:len(strong)].tolist()
+    assert sorted(top) == sorted(strong)
+    fig = sscd.plot_top_matches(synthetic, real, sims, idx, n=3, k=3)
+    assert len(fig.axes) == 12
+    sscd.plot_similarity_histogram({"synthetic": sims[:, 0]})
