@@ -1,0 +1,237 @@
+"""Synthesis: seeds, plan, LoRA scale, ImageFolder + manifest, kill-and-resume, shards, siblings."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from realfake_utils import synthesize as syn
+
+torch.set_num_threads(1)
+STEPS = 6
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _rows(n_per_class: int = 3, classes=("zero", "one", "two")):
+    rows, i = [], 0
+    for c, name in enumerate(classes):
+        for j in range(n_per_class):
+            rows.append({"id": f"digits/{i}", "path": "", "index": i, "label": c, "class_name": name,
+                         "split": "train"})
+            i += 1
+    rows.append({"id": "digits/99", "path": "", "index": 99, "label": 0, "class_name": "zero",
+                 "split": "test"})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    from realfake_utils import data, models
+
+    root = tmp_path_factory.mktemp("syn")
+    base = models.build_tiny_sd(root / "base", sample_size=16, words=["zero", "one", "two"])
+    # a LoRA in the stock diffusers format, with non-zero B so that it changes the output
+    pipe = models.load_pipeline(str(base), "txt2img", "cpu")
+    torch.manual_seed(0)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    for n, p in pipe.unet.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.5)
+    StableDiffusionPipeline.save_lora_weights(
+        root / "lora", unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet)),
+        safe_serialization=True)
+    manifest = data.write_manifest(_rows(), root / "data" / "manifest.csv")
+    d = pipe.text_encoder.config.hidden_size
+    feats = torch.randn(3, d, generator=torch.Generator().manual_seed(1))
+    settings = syn.SynthesisSettings(base_model=str(base), lora_dir=str(root / "lora"), lora_name="lora-dm-vg",
+                                     num_inference_steps=STEPS, image_size=16)
+    shared_pipe = syn.load_synthesis_pipeline(settings, "cpu")
+    return dict(root=root, base=str(base), lora=str(root / "lora"), manifest=manifest, feats=feats,
+                settings=settings, pipe=shared_pipe)
+
+
+def _prepare(env, name, k=2, batch_size=2, **over):
+    import dataclasses
+
+    st = dataclasses.replace(env["settings"], **over)
+    set_dir = env["root"] / "synthetic" / name / f"k{k}"
+    syn.prepare_set(set_dir, st, k, source_manifest=env["manifest"], guidance_features=env["feats"],
+                    batch_size=batch_size)
+    return set_dir
+
+
+def _digests(set_dir: Path) -> dict[str, str]:
+    return {str(p.relative_to(set_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(set_dir.rglob("*.png"))}
+
+
+# ----------------------------------------------------------------------------------------- pure logic
+def test_stable_seed_is_a_fixed_function_of_id_and_round():
+    s = syn.stable_seed(0, "digits/3", 1)
+    ref = int.from_bytes(hashlib.sha256(b"0|digits/3|1").digest()[:8], "big") % (2**63 - 1)
+    assert s == ref
+    assert len({syn.stable_seed(0, f"digits/{i}", r) for i in range(50) for r in range(5)}) == 250
+    assert syn.stable_seed(1, "digits/3", 1) != s
+    # independent of PYTHONHASHSEED (a fresh interpreter with another hash seed)
+    out = subprocess.run([sys.executable, "-c", "import hashlib;print(int.from_bytes(hashlib.sha256("
+                          "b'0|digits/3|1').digest()[:8],'big')%(2**63-1))"],
+                         env={**os.environ, "PYTHONHASHSEED": "123"}, capture_output=True, text=True)
+    assert int(out.stdout) == s
+
+
+def test_plan_batches_and_shards_cover_every_item_once():
+    sources = syn.select_sources(_rows(4))
+    assert len(sources) == 12 and all(r["split"] == "train" for r in sources)
+    assert len(syn.select_sources(_rows(4), per_class=2)) == 6
+    items = syn.plan_items(sources, k=3, seed=0)
+    assert len(items) == 36 and len({it.file for it in items}) == 36
+    assert items[0].prompt.startswith("photo of zero")
+    batches = syn.plan_batches(items, 5)
+    assert all(len({it.round for it in b}) == 1 for b in batches)  # never crosses a round
+    assert [it for b in batches for it in b] == items
+    shards = [syn.shard_batches(batches, 3, i) for i in range(3)]
+    flat = sorted(it.file for s in shards for b in s for it in b)
+    assert flat == sorted(it.file for it in items)
+    with pytest.raises(ValueError):
+        syn.shard_batches(batches, 2, 2)
+
+
+def test_set_names_follow_table2():
+    names = [syn.set_name(r) for r in syn.TABLE2_ROWS]
+    assert names == ["base-novg-t2i", "lora-nodm-novg-t2i", "lora-dm-novg-t2i", "lora-dm-vg-t2i",
+                     "lora-dm-vg-lp"]
+    st = syn.row_settings(syn.TABLE2_ROWS[-1], "base", "/x/lora", lora_scale=0.5)
+    assert st.lora_dir == "/x/lora/lora-dm-vg" and st.latent_prior and st.visual_guidance
+    assert syn.row_settings(syn.TABLE2_ROWS[0], "base", "/x/lora").lora_dir == ""
+    with pytest.raises(ValueError, match="unknown switches"):
+        syn.set_name({"finetune": True, "latentprior": True})
+
+
+# ------------------------------------------------------------------------------------------ the model
+def test_lora_scale_zero_equals_no_lora_and_scale_changes_output(env):
+    import dataclasses
+
+    items = syn.plan_items(syn.select_sources(_rows(1)), 1, 0)
+    g = env["feats"][[it.label for it in items]]
+
+    def run(**over):
+        st = dataclasses.replace(env["settings"], latent_prior=False, **over)
+        pipe = syn.load_synthesis_pipeline(st, "cpu")
+        return torch.stack([torch.from_numpy(__import__("numpy").asarray(im)).float()
+                            for im in syn.generate_batch(pipe, items, st, guidance=g)])
+
+    none = run(lora_dir="")
+    assert torch.equal(run(lora_scale=0.0), none)
+    assert torch.equal(run(lora_scale=0.0, fuse_lora=False), none)
+    half, full = run(lora_scale=0.5), run(lora_scale=1.0)
+    assert (half - none).abs().max() > 0 and (full - half).abs().max() > 0
+    # fused and per-call (cross_attention_kwargs) scaling agree up to rounding
+    assert (run(lora_scale=0.5, fuse_lora=False) - half).abs().max() <= 1
+    # the guidance token and the negative's token change the output
+    assert (run(visual_guidance=False) - half).abs().max() > 0
+    assert (run(negative_guidance_token=True) - half).abs().max() > 0
+
+
+def test_settings_hash_covers_the_pixels_and_refuses_mixing(env, tmp_path):
+    st = env["settings"]
+    h = syn.settings_hash(st, "g")
+    import dataclasses
+    assert syn.settings_hash(dataclasses.replace(st, lora_scale=0.6), "g") != h
+    assert syn.settings_hash(dataclasses.replace(st, strength=0.5), "g") != h
+    assert syn.settings_hash(st, "other-features") != h
+    assert syn.settings_hash(dataclasses.replace(st, lora_name="x"), "g") == h  # a label only
+    set_dir = tmp_path / "s"
+    syn.prepare_set(set_dir, st, 1, source_manifest=env["manifest"], guidance_features=env["feats"])
+    with pytest.raises(ValueError, match="other settings"):
+        syn.prepare_set(set_dir, dataclasses.replace(st, lora_scale=0.7), 1,
+                        source_manifest=env["manifest"], guidance_features=env["feats"])
+
+
+# ------------------------------------------------------------------------------------------- the sets
+def test_imagefolder_manifest_and_resume_skips_everything(env):
+    set_dir = _prepare(env, "full", k=2, batch_size=4)
+    res = syn.run_set(set_dir, pipe=env["pipe"], progress=False)
+    assert res["planned"] == 18 and res["generated"] == 18 and res["complete"]
+    assert res["images_per_s"] > 0
+    rows = syn.read_synthetic_manifest(set_dir)
+    assert len(rows) == 18 and set(rows[0]) == set(syn.MANIFEST_KEYS)
+    assert len({r["file"] for r in rows}) == 18
+    from PIL import Image
+    for r in rows:
+        p = set_dir / r["file"]
+        assert p.parent.name == r["class_name"] and p.suffix == ".png"
+        assert Image.open(p).size == (16, 16)
+        assert r["lora"] == "lora-dm-vg" and r["settings_hash"] == res["settings_hash"]
+    assert {r["round"] for r in rows} == {0, 1}
+    assert not list(set_dir.rglob("*.tmp*"))
+    again = syn.run_set(set_dir, pipe=env["pipe"], progress=False)
+    assert again["generated"] == 0 and again["already_done"] == 18
+    srows = syn.synthetic_rows(set_dir)
+    assert len(srows) == 18 and Path(srows[0]["path"]).exists()
+
+
+def test_two_shards_merge_to_the_single_process_set(env):
+    single = _prepare(env, "single", k=2, batch_size=2, latent_prior=False)
+    syn.run_set(single, pipe=None if False else syn.load_synthesis_pipeline(
+        syn.load_spec(single)["settings"], "cpu"), progress=False)
+    sharded = _prepare(env, "sharded", k=2, batch_size=2, latent_prior=False)
+    pipe = syn.load_synthesis_pipeline(syn.load_spec(sharded)["settings"], "cpu")
+    r0 = syn.run_set(sharded, num_shards=2, shard_index=0, pipe=pipe, progress=False)
+    assert 0 < r0["finished"] < r0["planned"]  # the manifest shows what exists so far
+    assert syn.set_status(sharded) == {"planned": 18, "finished": r0["finished"], "complete": False}
+    syn.run_set(sharded, num_shards=2, shard_index=1, pipe=pipe, progress=False)
+    rows_sharded = syn.merge_set(sharded)
+    assert rows_sharded == syn.read_synthetic_manifest(single)
+    assert len({r["file"] for r in rows_sharded}) == len(rows_sharded) == 18
+    assert _digests(sharded) == _digests(single)
+
+
+def test_sibling_set_with_larger_k_reuses_identical_images(env):
+    k1 = _prepare(env, "sib", k=1, batch_size=2)
+    syn.run_set(k1, pipe=env["pipe"], progress=False)
+    k2 = _prepare(env, "sib", k=2, batch_size=2)
+    res = syn.run_set(k2, pipe=env["pipe"], progress=False)
+    assert res["linked"] == 9 and res["generated"] == 9
+    ref = _prepare(env, "sib-ref", k=2, batch_size=2)  # other folder, same settings: would link too
+    res = syn.run_set(ref, pipe=env["pipe"], progress=False, reuse_siblings=False)
+    assert res["generated"] == 18
+    assert _digests(k2) == _digests(ref)
+
+
+def test_kill_mid_run_then_resume_gives_the_uninterrupted_set(env):
+    ref = _prepare(env, "ref", k=2, batch_size=1)
+    syn.run_set(ref, pipe=env["pipe"], progress=False)
+    killed = _prepare(env, "killed", k=2, batch_size=1)
+    cmd = [sys.executable, "-m", "realfake_utils.synthesize", "--set-dir", str(killed), "--device", "cpu",
+           "--threads", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "REALFAKE_SYNTH_BATCH_DELAY_S": "0.05"})
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(killed.rglob("*.png"))) < 3:
+        assert proc.poll() is None, "the generator ended before it could be killed"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    n_killed = len([p for p in killed.rglob("*.png") if not p.name.startswith(".")])
+    assert 3 <= n_killed < 18, n_killed
+    res = syn.run_set(killed, pipe=env["pipe"], progress=False)
+    assert res["already_done"] == n_killed and res["generated"] == 18 - n_killed
+    rows = syn.read_synthetic_manifest(killed)
+    assert len(rows) == 18 and len({r["file"] for r in rows}) == 18
+    assert rows == syn.read_synthetic_manifest(ref)
+    assert not [p for p in killed.rglob(".*") if p.is_file() and p.suffix == ".png"]
+    assert _digests(killed) == _digests(ref)  # identical bytes, before and after the kill
