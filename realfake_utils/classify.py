@@ -524,9 +524,18 @@ class RunSpec:
         return f"{tag}__k{self.k}__s{self.seed}"
 
 
+def _set_complete(set_dir: Path) -> bool:
+    if not (set_dir / "synthesis.json").exists():  # a hand-made set (tests, retrieval): manifest only
+        return True
+    from .synthesize import set_status
+
+    return set_status(set_dir)["complete"]
+
+
 def discover_sets(synthetic_root: str | os.PathLike) -> dict[str, dict[int, Path]]:
     """``artifacts/synthetic/<variant>/k<k>/manifest.jsonl`` -> {variant: {k: folder}} (only finished
-    sets: a manifest with at least one row)."""
+    sets: every planned image on disk, see ``synthesize.set_status``; a set still being written by a
+    running or killed synthesis is left out)."""
     root = Path(synthetic_root)
     out: dict[str, dict[int, Path]] = {}
     if not root.exists():
@@ -537,7 +546,7 @@ def discover_sets(synthetic_root: str | os.PathLike) -> dict[str, dict[int, Path
             k = int(kdir.name[1:])
         except ValueError:
             continue
-        if manifest.stat().st_size > 0:
+        if manifest.stat().st_size > 0 and _set_complete(kdir):
             out.setdefault(kdir.parent.name, {})[k] = kdir
     return out
 

@@ -228,6 +228,10 @@ def test_kill_mid_run_then_resume_gives_the_uninterrupted_set(env):
     proc.wait()
     n_killed = len([p for p in killed.rglob("*.png") if not p.name.startswith(".")])
     assert 3 <= n_killed < 18, n_killed
+    syn.merge_set(killed)  # a partial manifest, as a running job writes one every 30 s
+    from realfake_utils.classify import discover_sets
+
+    assert "killed" not in discover_sets(env["root"] / "synthetic")  # classifiers never train on it
     res = syn.run_set(killed, pipe=env["pipe"], progress=False)
     assert res["already_done"] == n_killed and res["generated"] == 18 - n_killed
     rows = syn.read_synthetic_manifest(killed)
@@ -235,3 +239,4 @@ def test_kill_mid_run_then_resume_gives_the_uninterrupted_set(env):
     assert rows == syn.read_synthetic_manifest(ref)
     assert not [p for p in killed.rglob(".*") if p.is_file() and p.suffix == ".png"]
     assert _digests(killed) == _digests(ref)  # identical bytes, before and after the kill
+    assert discover_sets(env["root"] / "synthetic")["killed"] == {2: killed}
