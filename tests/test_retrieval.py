@@ -63,3 +63,110 @@ def test_write_image_set(tmp_path):
     back = torch.tensor(list(Image.open(out / "a/p2.png").getdata())).T.reshape(3, 8, 8)
     assert torch.equal(back, images[2].long())
     assert not list(out.rglob("*.tmp*"))
+
+
+def test_write_image_set_safe_names_prompts_and_stale_files(tmp_path):
+    images = torch.randint(0, 255, (3, 3, 4, 4), dtype=torch.uint8)
+    out = retrieval.write_image_set(tmp_path / "s", images, [[0, 1], [2]], ["Annual Crop", "b"],
+                                    ["pool/x 1", "p1", "p2"], tag="caption", prompts=["c0", "c1", "c2"])
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert rows[0]["file"] == "Annual_Crop/pool_x_1.png" and rows[0]["prompt"] == "c0"
+    assert rows[0]["class_name"] == "Annual Crop"
+    h1 = retrieval.set_hash(out)
+    retrieval.write_image_set(out, images, [[1], [2]], ["Annual Crop", "b"], ["pool/x 1", "p1", "p2"], tag="caption")
+    assert not (out / "Annual_Crop/pool_x_1.png").exists() and (out / "Annual_Crop/p1.png").exists()
+    assert retrieval.set_hash(out) != h1
+
+
+def test_budget_and_claims():
+    assert retrieval.budget_from_set([{"label": 1}, {"label": 1}, {"label": 0}], 3) == [1, 2, 0]
+    lines = {"real": {"mean": 90.0, "std": 1.0}, "synthetic": {"mean": 70.0, "std": 2.0},
+             "retrieved-caption": {"mean": 75.0, "std": 2.0}, "retrieved-clip_i2i": {"mean": 65.0, "std": 1.0}}
+    c = retrieval.claims(lines)
+    assert c["realfake_gap_real_minus_synthetic"] == 20.0
+    assert c["best_retrieval"] == "retrieved-caption" and c["retrieval_beats_synthetic"]
+    assert c["retrieval_beats_synthetic_beyond_std"] and not c["every_strategy_beats_synthetic"]
+
+
+def test_read_pool_index_layouts(tmp_path):
+    img = Image.new("RGB", (6, 6), (10, 20, 30))
+    for layout in ("jsonl", "csv", "files"):
+        d = tmp_path / layout
+        (d / "00000").mkdir(parents=True)
+        img.save(d / "00000" / "a.png")
+        img.save(d / "00000" / "b.png")
+        if layout == "jsonl":
+            (d / "captions.jsonl").write_text(json.dumps({"file": "00000/a.png", "caption": "a cat", "label": 1})
+                                              + "\n" + json.dumps({"file": "00000/b.png", "caption": "x"}) + "\n")
+        elif layout == "csv":
+            (d / "captions.csv").write_text("file,caption,class_name\n00000/a.png,a cat,cat\n00000/b.png,x,\n")
+        else:
+            (d / "00000" / "a.txt").write_text("a cat\n")
+        rows = retrieval.read_pool_index(d, ["dog", "cat"])
+        assert [r["caption"] for r in rows] == ["a cat", "" if layout == "files" else "x"]
+        assert rows[0]["path"] == str(d / "00000" / "a.png")
+        assert [r["label"] for r in rows] == ([-1, -1] if layout == "files" else [1, -1])
+    with pytest.raises(FileNotFoundError, match="pool_index"):
+        retrieval.read_pool_index(tmp_path / "missing")
+
+
+def test_miniature_pool_config_from_key_file_and_fallback(tmp_path):
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    fb = {"image_size": 16, "seed": 3, "pool_shift": {"tint": 0.1}, "caption_wrong_rate": 0.1,
+          "caption_missing_rate": 0.2, "caption_noise_rate": 0.3, "caption_style_rate": 0.4}
+    assert retrieval.miniature_pool_config(clip, fb)["seed"] == 3
+    key = {"params": {"image_size": 8, "seed": 1, "shift": {"tint": 0.5}, "pool": "abc", "caption_wrong_rate": 0.0,
+                      "caption_missing_rate": 0.5, "caption_noise_rate": 0.0, "caption_style_rate": 0.0}}
+    (tmp_path / "clip.params.json").write_text(json.dumps(key))
+    pc = retrieval.miniature_pool_config(clip, fb)
+    assert (pc["seed"], pc["image_size"], pc["pool_shift"], pc["pool_fingerprint"]) == (1, 8, {"tint": 0.5}, "abc")
+    assert pc["caption_missing_rate"] == 0.5
+
+
+def test_stale_runs(tmp_path):
+    from types import SimpleNamespace
+
+    spec = SimpleNamespace(name="retrieved-caption__k0__s0", extra={"set_hash": "h1"})
+    (tmp_path / spec.name).mkdir()
+    cfg = {"recipe": {"lr": 0.1, "milestones": [1, 2]}, "info": {"set_hash": "h1"}}
+    (tmp_path / spec.name / "config.json").write_text(json.dumps(cfg))
+    assert retrieval.stale_runs(tmp_path, [spec], {"lr": 0.1, "milestones": (1, 2)}) == []
+    assert retrieval.stale_runs(tmp_path, [spec], {"lr": 0.2, "milestones": [1, 2]}) == [tmp_path / spec.name]
+    spec.extra["set_hash"] = "h2"
+    assert retrieval.stale_runs(tmp_path, [spec], cfg["recipe"]) == [tmp_path / spec.name]
+
+
+def test_clip_text_features_match_clipmodel(tmp_path):
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from realfake_utils import models
+
+    path = models.build_tiny_clip(tmp_path / "clip", words=["a", "seven", "one"], hidden=16, projection_dim=8,
+                                  text_hidden=16, layers=1, text_layers=1)
+    prompts = [retrieval.text_query(c) for c in ("seven", "one")]
+    feats = retrieval.clip_text_features(path, prompts)
+    tok = CLIPTokenizer.from_pretrained(path)
+    model = CLIPModel.from_pretrained(path).eval()
+    enc = tok(prompts, padding="max_length", max_length=tok.model_max_length, return_tensors="pt")
+    with torch.no_grad():
+        ref = model.get_text_features(input_ids=enc.input_ids, attention_mask=enc.attention_mask)
+    ref = getattr(ref, "pooler_output", ref)
+    assert feats.shape == (2, 8) and torch.allclose(feats, ref, atol=1e-5)
+    assert not torch.allclose(feats[0], feats[1])
+
+
+def test_plot_retrieved_marks_wrong_labels():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    images = torch.randint(0, 255, (6, 3, 4, 4), dtype=torch.uint8)
+    fig = retrieval.plot_retrieved(images, {"caption": [[0, 1], [2]], "clip_i2i": [[3], [4, 5]]}, ["a", "b"],
+                                   true_labels=[0, 1, 1, 0, 1, 1], per_class=2)
+    red = [ax for ax in fig.axes if ax.spines["top"].get_visible()]
+    assert len(fig.axes) == 2 * 5 and len(red) == 1
+
+
+def test_label_precision_ignores_unknown_labels():
+    assert retrieval.label_precision([[0, 1], [2]], [0, -1, 0]) == 0.5
+    assert retrieval.label_precision([[1]], [-1, -1]) != retrieval.label_precision([[1]], [-1, -1])  # nan
