@@ -44,8 +44,8 @@ STEPS = {
     "04": "04_train_classifier", "05": "05_ood_eval", "06": "06_lira", "07": "07_sscd",
     "08": "08_retrieval_baseline", "09": "09_figures_tables",
 }
-LIRA_FIGURES = ("*lira*roc*.png", "06_*roc*.png", "*roc*.png", "*lira*.png")  # 06_lira's ROC figure
-SSCD_FIGURES = ("sscd_top_matches.png", "*top_matches*.png", "07_*.png")     # 07_sscd's Fig. 4 analog
+LIRA_FIGURES = ("06_lira_roc.png",)            # 06_lira's ROC figure
+SSCD_FIGURES = ("07_sscd_top_matches.png",)   # 07_sscd's Fig. 4 analog
 FIGURES = ("09_table1", "09_table2", "09_table3", "09_table4", "09_fig1_clip_pca", "09_fig2_scaling",
            "09_fig3_lira_roc", "09_fig4_sscd_matches")
 
@@ -1074,7 +1074,7 @@ def figure_lira(root: str | Path, results: dict[str, Any], paper: dict[str, Any]
         ax.legend(fontsize=6, loc="lower right")
     else:
         if not _show_png(ax, _find_figure(root, LIRA_FIGURES)):
-            _placeholder(ax, "no ROC curve saved by 06_lira (results 'curves' or figures/*roc*.png)"
+            _placeholder(ax, "no ROC curve saved by 06_lira (figures/06_lira_roc.png)"
                          if "06_lira" in results else not_measured("06"))
     ax.set_title("Fig. 3 (miniature): LiRA ROC", fontsize=9)
     _paper_panel(ax2, paper, "fig3_lira", "paper: TPR at 0.1 % FPR\n(as quoted in the issue tracker)")
@@ -1149,7 +1149,7 @@ def figure_sscd(root: str | Path, results: dict[str, Any], claim: dict[str, Any]
     root = Path(root)
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4.2), gridspec_kw={"width_ratios": [1.4, 1]})
     if not _show_png(ax, _find_figure(root, SSCD_FIGURES)):
-        _placeholder(ax, "07_sscd's top-match figure (figures/sscd_top_matches.png) not found" if "07_sscd" in results
+        _placeholder(ax, "07_sscd's top-match figure (figures/07_sscd_top_matches.png) not found" if "07_sscd" in results
                      else not_measured("07"))
     ax.set_title("Fig. 4 (miniature): synthetic images and their top SSCD matches", fontsize=9)
     claim = claim or claim_sscd(results, load_paper_numbers())

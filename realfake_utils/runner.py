@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -80,8 +81,9 @@ def _execute(notebooks: list[str], params: dict, run_folder: RunDir, preset: str
         print(f"[{i}/{len(notebooks)}] {nb} ...", end=" ", flush=True)
         t0 = time.time()
         try:
-            pm.execute_notebook(str(_params.NOTEBOOK_DIR / f"{nb}.ipynb"), str(out), parameters=params[nb],
-                                kernel_name=kernel, cwd=str(_params.NOTEBOOK_DIR), progress_bar=False)
+            with _stderr_to(run_folder.root / "kernels.log"):  # kernel start-up chatter, not for the terminal
+                pm.execute_notebook(str(_params.NOTEBOOK_DIR / f"{nb}.ipynb"), str(out), parameters=params[nb],
+                                    kernel_name=kernel, cwd=str(_params.NOTEBOOK_DIR), progress_bar=False)
         except pm.PapermillExecutionError as err:
             dt = time.time() - t0
             print(f"FAILED after {dt:.0f}s", flush=True)
@@ -99,6 +101,21 @@ def _execute(notebooks: list[str], params: dict, run_folder: RunDir, preset: str
         print(f"Report: {report}")
     _log(log, f"run of {notebooks} done in {total:.1f}s")
     return run_folder
+
+
+@contextmanager
+def _stderr_to(path: Path):
+    """Send file descriptor 2 (inherited by the kernel process) to ``path`` for the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "a") as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _log(path: Path, line: str) -> None:
