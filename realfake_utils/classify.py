@@ -34,6 +34,7 @@ import torch.nn as nn
 import yaml
 from PIL import Image
 
+from .data import resize_center_crop
 from .params import REPO_ROOT
 from .rundir import atomic_path, read_json, write_json
 
@@ -142,15 +143,6 @@ def _small_input_stem(net: nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------------------------- data
-def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    try:
-        from .data import resize_center_crop
-    except ImportError:  # pragma: no cover - data.py is the data helper's
-        from PIL import ImageOps
-        return ImageOps.fit(img, (size, size), Image.BICUBIC)
-    return resize_center_crop(img, size)
-
-
 def read_image_set(set_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """Rows of a synthetic or retrieved set (``manifest.jsonl``: file, label, class_name, ...), with
     ``path`` made absolute. Same format as ``synthesize.read_synthetic_manifest``."""
@@ -181,7 +173,7 @@ class FileImages(torch.utils.data.Dataset):
         with Image.open(row["path"]) as im:
             img = im.convert("RGB")
         if self.image_size:
-            img = _resize_center_crop(img, self.image_size)
+            img = resize_center_crop(img, self.image_size)
         return img, int(row["label"])
 
 
@@ -425,7 +417,7 @@ def to_uint8(dataset, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     for i in range(len(dataset)):
         img, y = dataset[i]
         if img.size != (size, size):
-            img = _resize_center_crop(img, size)
+            img = resize_center_crop(img, size)
         imgs.append(torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1))
         labels.append(int(y))
     return torch.stack(imgs), torch.tensor(labels)
