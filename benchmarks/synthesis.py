@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -229,7 +228,6 @@ def _gpu_run(folder: str, lora: str, mode: str, batch: int, n_batches: int, step
     dt = time.perf_counter() - t0
     out = {"mode": mode, "batch": batch, "images": batch * n_batches, "seconds": dt,
            "images_per_s": batch * n_batches / dt, "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
-    del pipe
     return out
 
 

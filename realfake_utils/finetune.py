@@ -573,7 +573,6 @@ def train_lora(cfg: FinetuneConfig, train_set: TrainSet | str | os.PathLike, res
     resolution = int(train_set.images.shape[-1])
     n = len(train_set)
     bs, acc = cfg.train_batch_size, cfg.gradient_accumulation_steps
-    alphas = noise_scheduler.alphas_cumprod
     unet.train()
     t0 = time.time()
     start_step = global_step

@@ -361,7 +361,7 @@ def build_tiny_clip(out_dir: str | os.PathLike, image_size: int = 16, patch_size
     """Save a tiny random-weight ``CLIPModel`` folder (+ ``CLIPImageProcessor`` + CLIP tokenizer), the
     layout of ``openai/clip-vit-large-patch14``: ``CLIPModel.from_pretrained(dir)`` loads all of it,
     ``CLIPVisionModelWithProjection.from_pretrained(dir)`` the vision tower with its projection."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(seed)
     tok = build_tokenizer(list(words or []) + ["photo", "of"], None, model_max_length)

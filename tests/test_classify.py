@@ -230,7 +230,7 @@ def test_discover_sets_and_summarise(tmp_path):
 
 
 def test_run_experiments_digits_real_and_synthetic(tmp_path):
-    data = pytest.importorskip("realfake_utils.data")
+    from realfake_utils import data
     manifest = data.prepare_data("digits", "", tmp_path / "data", {"pool": 0.5, "train": 0.3, "test": 0.2}, seed=0)
     rows = data.read_manifest(manifest)
     names = data.class_names(rows)
