@@ -348,3 +348,31 @@ def claims(lines: dict[str, dict]) -> dict:
                     "every_strategy_beats_synthetic": all(v["mean"] > lines["synthetic"]["mean"]
                                                           for v in retr.values())})
     return out
+
+
+def summarise_runs(records: Sequence[dict], synthetic_label: str, recipe: str = "") -> dict[str, dict]:
+    """Classifier runs grouped as ``real`` / ``synthetic`` / ``retrieved-<strategy>``: label, n_train,
+    mean and std (ddof 1) of top-1 in % over seeds, per-seed values, and whether every run used
+    ``recipe`` (read from the run's ``config.json``). The input of :func:`claims`."""
+    def group_of(r: dict) -> str:
+        if r["row"] == "real" or r["row"].startswith("retrieved-"):
+            return r["row"]
+        return "synthetic"
+
+    def same_recipe(r: dict) -> bool:
+        cfg = Path(r["path"]) / "config.json"
+        return cfg.exists() and json.loads(cfg.read_text())["recipe"] == recipe
+
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        groups.setdefault(group_of(r), []).append(r)
+    out = {}
+    for g, rs in groups.items():
+        acc = np.array([100 * r["top1"] for r in rs])
+        label = {"real": "real (full train split)", "synthetic": synthetic_label}.get(g) \
+            or strategy_label(g[len("retrieved-"):])
+        out[g] = {"label": label, "n_train": rs[0]["n_train"], "mean": float(acc.mean()),
+                  "std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+                  "per_seed": {int(r["seed"]): 100 * r["top1"] for r in rs},
+                  "same_recipe": all(map(same_recipe, rs))}
+    return out

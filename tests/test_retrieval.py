@@ -170,3 +170,21 @@ def test_plot_retrieved_marks_wrong_labels():
 def test_label_precision_ignores_unknown_labels():
     assert retrieval.label_precision([[0, 1], [2]], [0, -1, 0]) == 0.5
     assert retrieval.label_precision([[1]], [-1, -1]) != retrieval.label_precision([[1]], [-1, -1])  # nan
+
+
+def test_summarise_runs_groups_seeds_and_checks_the_recipe(tmp_path):
+    def run(row, seed, top1, recipe="miniature"):
+        d = tmp_path / f"{row}_{seed}"
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"recipe": recipe}))
+        return {"row": row, "seed": seed, "top1": top1, "n_train": 200, "path": str(d)}
+
+    records = [run("real", 0, 0.96), run("real", 1, 0.98), run("lora-dm-vg-lp", 0, 0.40),
+               run("lora-dm-vg-lp", 1, 0.50, recipe="other"), run("retrieved-caption", 0, 0.3)]
+    lines = retrieval.summarise_runs(records, "synthetic lora-dm-vg-lp/k1", "miniature")
+    assert set(lines) == {"real", "synthetic", "retrieved-caption"}
+    assert lines["real"]["mean"] == pytest.approx(97.0) and lines["real"]["std"] == pytest.approx(2 ** 0.5)
+    assert lines["real"]["per_seed"] == {0: pytest.approx(96.0), 1: pytest.approx(98.0)}
+    assert lines["real"]["same_recipe"] and not lines["synthetic"]["same_recipe"]
+    assert lines["synthetic"]["label"] == "synthetic lora-dm-vg-lp/k1"
+    assert lines["retrieved-caption"]["std"] == 0.0
