@@ -11,6 +11,7 @@ runs/<preset>/
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -33,10 +34,86 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        if os.path.isfile(tmp):
+            os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; a shared run folder needs the umask's mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def content_hash(obj: Any, length: int = 16) -> str:
+    """SHA-256 (hex, first ``length`` characters) of ``obj`` as canonical JSON: the one cache key of the
+    kit. Keys hold content (parameters, file hashes), never absolute paths or mtimes, so a run folder can
+    be moved or copied and still reuse what it holds."""
+    text = json.dumps(obj, sort_keys=True, default=_json_default, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tree_sha256(folder: str | os.PathLike) -> str:
+    """SHA-256 over the relative paths and bytes of every file under ``folder`` (hidden and temp files
+    excluded): the content identity of a model folder, wherever it lies."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts):
+            h.update(rel.encode() + b"\0" + file_sha256(p).encode() + b"\0")
+    return h.hexdigest()
+
+
+DONE = "DONE.json"
+
+
+def mark_done(folder: str | os.PathLike, key: str, files: list[str] | None = None,
+              info: dict[str, Any] | None = None) -> Path:
+    """Write ``folder/DONE.json`` last, once a unit of work is complete: its cache ``key`` and the
+    SHA-256 of each of ``files`` (paths relative to ``folder``), so a half-written or replaced file is
+    caught by :func:`is_done` and the unit is redone rather than trusted."""
+    folder = Path(folder)
+    hashes = {f: file_sha256(folder / f) for f in (files or [])}
+    return write_json(folder / DONE, {"key": key, "files": hashes, "info": info or {}})
+
+
+def is_done(folder: str | os.PathLike, key: str, verify: bool = True) -> bool:
+    """Whether ``folder`` holds a finished unit for ``key`` (and, with ``verify``, every file it lists
+    still has the bytes it had when the marker was written)."""
+    marker = Path(folder) / DONE
+    if not marker.exists():
+        return False
+    try:
+        data = read_json(marker)
+    except (OSError, ValueError):
+        return False
+    if data.get("key") != key:
+        return False
+    if verify:
+        for rel, sha in data.get("files", {}).items():
+            p = Path(folder) / rel
+            if not p.is_file() or file_sha256(p) != sha:
+                return False
+    return True
+
+
+def done_info(folder: str | os.PathLike) -> dict[str, Any]:
+    """The ``info`` a finished unit recorded in its marker ({} when there is none)."""
+    marker = Path(folder) / DONE
+    return read_json(marker).get("info", {}) if marker.exists() else {}
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:

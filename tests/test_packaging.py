@@ -64,3 +64,16 @@ def test_notebook_conventions(path):
         f"{path.name} must call rf.setup(globals(), \"{path.stem}\")"
     assert nb.cells[0].cell_type == "markdown", f"{path.name}: start with a narrative markdown cell"
     assert nb.metadata["kernelspec"]["name"] == "realfake-kit"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")), ids=lambda p: p.stem)
+def test_notebook_and_its_text_file_are_in_sync(path):
+    """Each notebook is paired with a py:percent text file (jupytext); both hold the same cells.
+    After editing either, run `.venv/bin/jupytext --sync notebooks/<name>.py`."""
+    import jupytext
+
+    text = path.with_suffix(".py")
+    assert text.exists(), f"{text.name} missing: run jupytext --set-formats ipynb,py:percent {path}"
+    a, b = nbformat.read(path, as_version=4), jupytext.read(text)
+    cells = lambda nb: [(c.cell_type, c.source.strip(), sorted(c.metadata.get("tags", []))) for c in nb.cells]
+    assert cells(a) == cells(b), f"{path.name} and {text.name} differ: run jupytext --sync {text}"
