@@ -77,6 +77,23 @@ def tree_sha256(folder: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+class UnsafePathError(ValueError):
+    """A path read from a manifest or index points outside the folder it must stay in."""
+
+
+def confine(root: str | os.PathLike, rel: str | os.PathLike, what: str = "path") -> Path:
+    """``root / rel``, refused unless it stays inside ``root`` (no absolute paths, no ``..`` escapes,
+    no symlink out): use it for every path read from a manifest, index or captions file."""
+    root_r = Path(root).resolve()
+    rel_p = Path(rel)
+    if rel_p.is_absolute():
+        raise UnsafePathError(f"{what} {str(rel)!r} is absolute; entries must be relative to {root_r}")
+    full = (root_r / rel_p).resolve()
+    if full != root_r and root_r not in full.parents:
+        raise UnsafePathError(f"{what} {str(rel)!r} leaves {root_r}; entries must stay inside it")
+    return full
+
+
 DONE = "DONE.json"
 
 
