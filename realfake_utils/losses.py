@@ -7,10 +7,12 @@ Notation: ``eps`` is the target (the noise for epsilon prediction, the velocity 
 * :func:`l_simple` -- the DDPM objective ``L_simple = 1/B sum_i w_i ||r_i||^2 / D`` (per-sample
   mean squared error, mean over the batch), with optional Min-SNR-gamma weights ``w_i``.
 * :func:`min_snr_weights` -- Min-SNR-gamma (Hang et al. 2023, arXiv:2303.09556) loss weights.
-* :func:`dm_loss` -- the distribution-matching loss of Eq. 7 / Eq. 21 in two forms:
+* :func:`dm_loss` -- the distribution-matching term of Eq. 7 / Eq. 21 in two forms:
 
-  ``form="paper"``:    ``weight * || 1/B sum_i w_i r_i ||^2 / D``  (mean of the residuals; with
-  ``w_i = 1`` Jensen's inequality gives ``dm_loss <= l_simple``, the bound of Eq. 7).
+  ``form="paper"``:    ``weight * || 1/B sum_i r_i ||^2 / D``  (Eq. 21's second term, gamma = 0.05:
+  the mean of the residuals, **no per-sample weights**; Jensen's inequality gives
+  ``dm_loss <= l_simple`` with ``w_i = 1``, the bound of Eq. 7). Table 7's SNR-gamma 0.75 weights
+  the ``L_simple`` term only; passing ``snr_weights`` with this form is refused.
 
   ``form="official"``: ``weight * || sum_i w_i r_i ||^2 / D``  -- what the official code computes
   (BAAI-DCAI/Training-Data-Synthesis, ``finetune/train_text_to_image_lora.py``, training loop:
@@ -21,12 +23,14 @@ Notation: ``eps`` is the target (the noise for epsilon prediction, the velocity 
   (``0 < w_i <= 1``) Cauchy-Schwarz gives ``official <= B**2 * l_simple(w)`` (see
   :mod:`realfake_utils.theory`).
 
-  Defaults, as found: the official launcher ``finetune/train_lora.sh`` passes ``--dist_match=0.003``
-  ``--snr_gamma=5`` (batch size 8, so the effective weight on the mean form with ``w_i = 1`` is
-  ``0.003 * 64 = 0.192``). Note the official code only defines the Min-SNR weights inside its
-  ``snr_gamma`` branch, so its DM loss needs ``--snr_gamma``. The paper's values (weight 0.05 on the
-  mean form, SNR gamma 0.75) are those recorded in the project issue from the paper's tables; they
-  were not re-checked against the paper's PDF here (not available offline).
+  Defaults: the paper's gamma = 0.05 (Apx. E, under Eq. 21) and SNR-gamma 0.75 (Table 7); the
+  official launcher ``finetune/train_lora.sh`` passes ``--dist_match=0.003`` ``--snr_gamma=5``
+  (batch size 8, so the effective weight on the mean form with ``w_i = 1`` is ``0.003 * 64 = 0.192``).
+  The official code only defines the Min-SNR weights inside its ``snr_gamma`` branch, so its DM loss
+  needs ``--snr_gamma``.
+
+* :func:`overall_loss` -- ``L_overall = L_simple + L_DM`` of Eq. 21 for either form (the paper form:
+  Min-SNR weights on ``L_simple`` only; the official form: on both terms, as the official code).
 
 * :func:`mmd2` -- squared Maximum Mean Discrepancy (Eq. 5, 6, 20), Gaussian (median-heuristic
   bandwidth) or linear kernel, biased (V-statistic) or unbiased (U-statistic) estimator, computed in
@@ -115,17 +119,22 @@ def min_snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma
 
 def dm_loss(eps_hat: torch.Tensor, eps: torch.Tensor, form: str = "paper",
             weight: float | None = None, snr_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Distribution-matching loss of Eq. 7 / Eq. 21 (see the module docstring for both forms).
+    """Distribution-matching term of Eq. 7 / Eq. 21 (see the module docstring for both forms).
 
-    ``form="paper"``: ``weight * mean_elements( (1/B sum_i w_i (eps_i - eps_hat_i))^2 )``;
+    ``form="paper"``: ``weight * mean_elements( (1/B sum_i (eps_i - eps_hat_i))^2 )`` (Eq. 21, no
+    per-sample weights: ``snr_weights`` is refused);
     ``form="official"``: ``weight * mean_elements( (sum_i w_i eps_hat_i - sum_i w_i eps_i)^2 )``.
     ``weight`` defaults to the form's published value (paper 0.05, official 0.003); pass
-    ``weight=1.0`` for the raw quantity. ``snr_weights`` (``[B]``) default to 1.
+    ``weight=1.0`` for the raw quantity. ``snr_weights`` (``[B]``, official form) default to 1.
     """
     if form not in DM_FORMS:
         raise ValueError(f"unknown DM-loss form '{form}' (expected one of {DM_FORMS})")
     if eps_hat.shape != eps.shape:
         raise ValueError(f"eps_hat {tuple(eps_hat.shape)} and eps {tuple(eps.shape)} differ in shape")
+    if form == "paper" and snr_weights is not None:
+        raise ValueError("dm_loss(form='paper'): Eq. 21's DM term is the plain mean of the residuals and "
+                         "has no per-sample (Min-SNR) weights; Min-SNR weights L_simple only "
+                         "(overall_loss does that), or use form='official'")
     if weight is None:
         weight = PAPER_DM_WEIGHT if form == "paper" else OFFICIAL_DM_WEIGHT
     bsz = eps.shape[0]
@@ -135,6 +144,23 @@ def dm_loss(eps_hat: torch.Tensor, eps: torch.Tensor, form: str = "paper",
     if form == "paper":
         pred_ws, target_ws = pred_ws / bsz, target_ws / bsz
     return float(weight) * (pred_ws - target_ws).pow(2).mean()
+
+
+def overall_loss(eps_hat: torch.Tensor, eps: torch.Tensor, dm: bool = True, form: str = "paper",
+                 weight: float | None = None, snr_weights: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``L_overall = L_simple + L_DM`` (Eq. 21); returns ``(total, l_simple, l_dm)``.
+
+    ``snr_weights`` (Min-SNR, Table 7's SNR-gamma) weight ``L_simple``; the DM term takes them only in
+    the official form (the official code reuses them there), never in the paper form. ``dm=False``:
+    ``L_simple`` alone (``l_dm`` is a zero tensor).
+    """
+    ls = l_simple(eps_hat, eps, snr_weights=snr_weights)
+    if not dm:
+        return ls, ls, torch.zeros((), device=ls.device)
+    ld = dm_loss(eps_hat, eps, form=form, weight=weight,
+                 snr_weights=snr_weights if form == "official" else None)
+    return ls + ld, ls, ld
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,5 +324,5 @@ def mmd_power(sample_x, sample_y, ns: Sequence[int], trials: int, n_perm: int = 
 __all__ = [
     "DM_FORMS", "KERNELS", "OFFICIAL_DM_WEIGHT", "OFFICIAL_SNR_GAMMA", "PAPER_DM_WEIGHT",
     "PAPER_SNR_GAMMA", "compute_snr", "dm_loss", "gaussian_gamma", "l_simple", "median_bandwidth",
-    "min_snr_weights", "mmd2", "mmd_permutation_test", "mmd_power",
+    "min_snr_weights", "mmd2", "mmd_permutation_test", "mmd_power", "overall_loss",
 ]

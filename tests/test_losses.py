@@ -48,8 +48,9 @@ def test_dm_loss_paper_form_by_hand():
     # mean residual = ((1 - 1)/2, (1 + 3)/2) = (0, 2); squared, mean over elements: (0 + 4)/2 = 2
     assert L.dm_loss(EPS_HAT, EPS, "paper", weight=1.0).item() == pytest.approx(2.0)
     assert L.dm_loss(EPS_HAT, EPS, "paper").item() == pytest.approx(0.05 * 2.0)  # paper default
-    # weighted mean residual: (0.5*1 - 1, 0.5*1 + 3)/2 = (-0.25, 1.75) -> (0.0625 + 3.0625)/2
-    assert L.dm_loss(EPS_HAT, EPS, "paper", 1.0, W).item() == pytest.approx(1.5625)
+    # Eq. 21's DM term has no per-sample weights: Min-SNR weights are refused in the paper form
+    with pytest.raises(ValueError, match="no per-sample"):
+        L.dm_loss(EPS_HAT, EPS, "paper", 1.0, W)
 
 
 def test_dm_loss_official_form_by_hand():
@@ -65,6 +66,55 @@ def test_dm_loss_official_form_by_hand():
         0.003 * torch.nn.functional.mse_loss(pred_ws, tgt_ws).item())
     with pytest.raises(ValueError):
         L.dm_loss(EPS_HAT, EPS, "sum")
+
+
+def _independent_eq21(eps_hat, eps, gamma, snr_w=None):
+    """Eq. 21 written out element by element with numpy (float64): L_simple (Min-SNR weights on it
+    when given) + gamma * ||mean_i r_i||^2, both per element (divided by D), no weights in the mean."""
+    e, h = eps.double().numpy().reshape(len(eps), -1), eps_hat.double().numpy().reshape(len(eps), -1)
+    b, d = e.shape
+    w = np.ones(b) if snr_w is None else snr_w.double().numpy()
+    ls = sum(w[i] * sum((e[i, j] - h[i, j]) ** 2 for j in range(d)) / d for i in range(b)) / b
+    mean_r = [sum(e[i, j] - h[i, j] for i in range(b)) / b for j in range(d)]
+    return ls + gamma * sum(m * m for m in mean_r) / d, ls
+
+
+def _independent_official(eps_hat, eps, weight, snr_w=None):
+    """The official code's loss, written out: mean_i(w_i MSE_i) + weight * MSE(sum_i w_i eps_hat_i,
+    sum_i w_i eps_i)."""
+    e, h = eps.double().numpy().reshape(len(eps), -1), eps_hat.double().numpy().reshape(len(eps), -1)
+    b, d = e.shape
+    w = np.ones(b) if snr_w is None else snr_w.double().numpy()
+    ls = float(np.mean([w[i] * np.mean((h[i] - e[i]) ** 2) for i in range(b)]))
+    ps, ts = (w[:, None] * h).sum(0), (w[:, None] * e).sum(0)
+    return ls + weight * float(np.mean((ps - ts) ** 2)), ls
+
+
+@pytest.mark.parametrize("snr_gamma", [None, 0.75, 5.0])
+def test_overall_loss_matches_eq21_and_official_code(snr_gamma):
+    """Both forms against values computed independently, with and without Min-SNR, on a batch with
+    timesteps of the SD 1.5 schedule (where Min-SNR weights differ strongly between samples)."""
+    from realfake_utils.models import SD_SCHEDULER_CONFIG
+
+    c = SD_SCHEDULER_CONFIG
+    betas = torch.linspace(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, c["num_train_timesteps"],
+                           dtype=torch.float64) ** 2
+    ac = torch.cumprod(1 - betas, 0)
+    g = torch.Generator().manual_seed(4)
+    eps, eps_hat = torch.randn(6, 2, 3, 3, generator=g), torch.randn(6, 2, 3, 3, generator=g) * 0.7
+    t = torch.tensor([5, 80, 300, 520, 760, 990])
+    w = None if snr_gamma is None else L.min_snr_weights(t, ac, snr_gamma)
+    if w is not None:
+        assert w.max() / w.min() > 5                      # the weights really differ across the batch
+    total, ls, ld = L.overall_loss(eps_hat, eps, True, "paper", 0.05, w)
+    ref_total, ref_ls = _independent_eq21(eps_hat, eps, 0.05, w)
+    assert total.item() == pytest.approx(ref_total, rel=1e-5) and ls.item() == pytest.approx(ref_ls, rel=1e-5)
+    assert ld.item() == pytest.approx(ref_total - ref_ls, rel=1e-4)
+    total, ls, ld = L.overall_loss(eps_hat, eps, True, "official", 0.003, w)
+    ref_total, ref_ls = _independent_official(eps_hat, eps, 0.003, w)
+    assert total.item() == pytest.approx(ref_total, rel=1e-5) and ls.item() == pytest.approx(ref_ls, rel=1e-5)
+    total, ls, ld = L.overall_loss(eps_hat, eps, False, "paper", 0.05, w)
+    assert total.item() == pytest.approx(ref_ls, rel=1e-5) and ld.item() == 0.0
 
 
 def test_official_is_bsz_squared_times_paper():
