@@ -79,18 +79,11 @@ import time
 
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
-from scipy.spatial.distance import pdist
-from scipy.stats import binom
-from sklearn.datasets import load_digits
-from sklearn.metrics.pairwise import rbf_kernel
 
-from realfake_utils import losses, theory
+from realfake_utils import theory
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
 t_start = time.time()
 results = {"preset": preset, "seed": seed}
-print(run)
 
 # %% [markdown]
 # ## 1. The Jensen bound of Eq. 7
@@ -101,8 +94,7 @@ print(run)
 # %%
 jr = theory.jensen_random(jensen_trials, jensen_batch_size, jensen_dim, seed=seed)
 assert jr["holds"] == jensen_trials, jr["holds"]
-results["jensen_random"] = {"holds": jr["holds"], "n": jensen_trials,
-                            "max_ratio": float(np.max(jr["dm"] / jr["l_simple"]))}
+results["jensen_random"] = {"holds": jr["holds"], "n": jensen_trials, "max_ratio": float(max(jr["dm"] / jr["l_simple"]))}
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -122,15 +114,13 @@ assert adv["max_ratio"] <= 1 + 1e-6, adv["max_ratio"]
 assert adv["ratios"][-1] > 0.9, adv["ratios"][-1]
 assert abs(eq_dm - eq_ls) <= 1e-6 * eq_ls
 assert ca_dm <= 1e-12 and ca_ls > 0
-results["jensen_adversarial"] = {"max_ratio": adv["max_ratio"], "final_ratio": float(adv["ratios"][-1]),
-                                 "start_ratio": float(adv["ratios"][0])}
-results["jensen_equality"] = {"dm": eq_dm, "l_simple": eq_ls}
-results["jensen_cancelling"] = {"dm": ca_dm, "l_simple": ca_ls}
+results.update(jensen_adversarial={"max_ratio": adv["max_ratio"], "final_ratio": float(adv["ratios"][-1])},
+               jensen_equality={"dm": eq_dm, "l_simple": eq_ls}, jensen_cancelling={"dm": ca_dm, "l_simple": ca_ls})
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print(f"adversary never pushes L_DM/L_simple above 1: True; equality when all residuals are equal: True; "
-      f"cancelling residuals give L_DM = 0: True")
+print("adversary never pushes L_DM/L_simple above 1: True; equality when all residuals are equal: True; "
+      "cancelling residuals give L_DM = 0: True")
 
 # %% [markdown]
 # **Gap vs batch size.** For iid zero-mean residuals the expected ratio is `1/B`: the larger the
@@ -140,21 +130,12 @@ print(f"adversary never pushes L_DM/L_simple above 1: True; equality when all re
 
 # %%
 gap0 = theory.jensen_gap_vs_batch(jensen_batch_sizes, jensen_gap_trials, jensen_dim, seed=seed)
-gap1 = theory.jensen_gap_vs_batch(jensen_batch_sizes, jensen_gap_trials, jensen_dim, seed=seed + 1,
-                                  offset=0.5)
-for g in (gap0, gap1):
-    rel = np.abs(np.array(g["mean_ratio"]) / np.array(g["expected_ratio"]) - 1)
-    assert np.all(rel < 0.2), rel
+gap1 = theory.jensen_gap_vs_batch(jensen_batch_sizes, jensen_gap_trials, jensen_dim, seed=seed + 1, offset=0.5)
+rel = np.abs(np.array(gap0["mean_ratio"] + gap1["mean_ratio"])
+             / np.array(gap0["expected_ratio"] + gap1["expected_ratio"]) - 1)
+assert np.all(rel < 0.2), rel
 results["jensen_gap_vs_batch"] = {"zero_mean": gap0, "offset_0.5": gap1}
-
-fig, ax = plt.subplots(figsize=(5.5, 3.6))
-for g, name in ((gap0, "iid N(0, 1) residuals"), (gap1, "iid N(0.5, 1) residuals")):
-    ax.plot(g["batch_sizes"], g["mean_ratio"], "o-", label=f"measured, {name}")
-    ax.plot(g["batch_sizes"], g["expected_ratio"], "k--", lw=0.8)
-ax.set(xscale="log", yscale="log", xlabel="batch size B", ylabel="mean  L_DM / L_simple",
-       title="Jensen gap vs batch size (dashed: expectation)")
-ax.legend(fontsize=8)
-run.save_figure(fig, "00_jensen_gap_vs_batch")
+run.save_figure(theory.plot_jensen_gap({"iid N(0, 1)": gap0, "iid N(0.5, 1)": gap1}), "00_jensen_gap_vs_batch")
 plt.show()
 
 # %%
@@ -169,34 +150,17 @@ print(f"mean L_DM/L_simple follows its expectation (within 20%) for B in {jensen
 # `scipy.spatial.distance.pdist`, the kernel matrices from `sklearn.metrics.pairwise.rbf_kernel`.
 
 # %%
-X, y = load_digits(return_X_y=True)
-xa, xb = X[y == 3][:mmd_points], X[y == 8][:mmd_points]
-lin = losses.mmd2(xa, xb, kernel="linear", unbiased=False)
-mean_dist = float(np.sum((xa.mean(0) - xb.mean(0)) ** 2))
-assert abs(lin - mean_dist) <= 1e-9 * mean_dist
-
-sigma = float(np.median(pdist(np.concatenate([xa, xb]))))
-gamma = 1.0 / (2 * sigma**2)
-kxx, kyy, kxy = rbf_kernel(xa, xa, gamma=gamma), rbf_kernel(xb, xb, gamma=gamma), rbf_kernel(xa, xb, gamma=gamma)
-n, m = len(xa), len(xb)
-sk_biased = kxx.mean() + kyy.mean() - 2 * kxy.mean()
-sk_unbiased = ((kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
-               - 2 * kxy.mean())
-ours_biased = losses.mmd2(xa, xb, unbiased=False)
-ours_unbiased = losses.mmd2(xa, xb, unbiased=True)
-assert abs(ours_biased - sk_biased) <= 1e-9 * abs(sk_biased)
-assert abs(ours_unbiased - sk_unbiased) <= 1e-9 * abs(sk_unbiased)
-assert ours_biased >= ours_unbiased  # the V-statistic adds the positive diagonal terms
-results["mmd_estimators"] = {"linear": lin, "mean_embedding_sq_distance": mean_dist,
-                             "gaussian_biased": ours_biased, "gaussian_unbiased": ours_unbiased,
-                             "sklearn_biased": float(sk_biased), "sklearn_unbiased": float(sk_unbiased),
-                             "bandwidth": sigma, "points_per_sample": n}
+est = theory.mmd_estimators_check(mmd_points)
+assert abs(est["linear"] - est["mean_embedding_sq_distance"]) <= 1e-9 * est["mean_embedding_sq_distance"]
+assert abs(est["gaussian_biased"] - est["sklearn_biased"]) <= 1e-9 * abs(est["sklearn_biased"])
+assert abs(est["gaussian_unbiased"] - est["sklearn_unbiased"]) <= 1e-9 * abs(est["sklearn_unbiased"])
+assert est["gaussian_biased"] >= est["gaussian_unbiased"]  # the V-statistic adds the positive diagonal terms
+results["mmd_estimators"] = est
 
 # %%
 # NBVAL_CHECK_OUTPUT
 print("linear-kernel MMD^2 equals the squared distance of mean embeddings: True; "
       "Gaussian biased and unbiased MMD^2 equal the scikit-learn rbf_kernel computation: True")
-
 
 # %% [markdown]
 # **Permutation test.** `x ~ N(0, I)` against `y ~ N(mu, I)` with `mu = mmd_shift` in every one of
@@ -204,31 +168,11 @@ print("linear-kernel MMD^2 equals the squared distance of mean embeddings: True;
 # 0.05. The power must grow with `n`; the null rejection rate stays near the level.
 
 # %%
-def draw_null(k, g):
-    return torch.randn(k, mmd_power_dim, generator=g)
-
-
-def draw_shifted(k, g):
-    return torch.randn(k, mmd_power_dim, generator=g) + mmd_shift
-
-
-power = losses.mmd_power(draw_null, draw_shifted, mmd_power_ns, mmd_power_trials,
-                         n_perm=mmd_permutations, seed=seed)
-type1 = losses.mmd_power(draw_null, draw_null, mmd_power_ns, mmd_power_trials,
-                         n_perm=mmd_permutations, seed=seed + 7)
-assert power[-1] > power[0] and power[-1] >= 0.8, power
-assert max(type1) <= 0.25, type1
-results["mmd_permutation"] = {"ns": mmd_power_ns, "power": power, "type1": type1,
-                              "trials": mmd_power_trials, "n_perm": mmd_permutations, "shift": mmd_shift}
-
-fig, ax = plt.subplots(figsize=(5.5, 3.6))
-ax.plot(mmd_power_ns, power, "o-", label=f"power (shift {mmd_shift} per dim)")
-ax.plot(mmd_power_ns, type1, "s-", label="rejection rate under H0")
-ax.axhline(0.05, color="k", ls=":", lw=0.8)
-ax.set(xscale="log", xlabel="n per sample", ylabel="rejection rate at level 0.05", ylim=(-0.02, 1.02),
-       title="MMD permutation test")
-ax.legend(fontsize=8)
-run.save_figure(fig, "00_mmd_power")
+perm = theory.mmd_permutation_check(mmd_power_ns, mmd_power_trials, mmd_power_dim, mmd_shift, mmd_permutations, seed)
+assert perm["power"][-1] > perm["power"][0] and perm["power"][-1] >= 0.8, perm["power"]
+assert max(perm["type1"]) <= 0.25, perm["type1"]
+results["mmd_permutation"] = perm
+run.save_figure(theory.plot_mmd_power(perm), "00_mmd_power")
 plt.show()
 
 # %%
@@ -248,16 +192,8 @@ print(f"permutation-test power grows with n (n={mmd_power_ns[0]} -> n={mmd_power
 ovp = theory.official_vs_paper(official_trials, official_batch_size, seed=seed)
 assert np.allclose(ovp["ratio_unweighted"], 1.0, rtol=1e-5)
 assert ovp["cs_holds"] == official_trials and ovp["bsz2_holds"] == official_trials
-results["official_vs_paper"] = {
-    "batch_size": official_batch_size, "trials": official_trials,
-    "max_abs_ratio_error": float(np.max(np.abs(ovp["ratio_unweighted"] - 1))),
-    "max_cs_ratio": float(np.max(ovp["official_weighted"] / ovp["cauchy_schwarz_rhs"])),
-    "max_bsz2_ratio": float(np.max(ovp["official_weighted"] / ovp["bsz2_lsimple_rhs"])),
-    "official_weight": losses.OFFICIAL_DM_WEIGHT, "paper_weight": losses.PAPER_DM_WEIGHT,
-    "official_snr_gamma": losses.OFFICIAL_SNR_GAMMA, "paper_snr_gamma": losses.PAPER_SNR_GAMMA,
-    "effective_mean_form_weight_at_bsz8": losses.OFFICIAL_DM_WEIGHT * 64,
-}
-print({k: v for k, v in results["official_vs_paper"].items()})
+results["official_vs_paper"] = theory.official_vs_paper_summary(ovp)
+print(results["official_vs_paper"])
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -277,25 +213,13 @@ print(f"official sum form == B^2 x paper mean form on {official_trials}/{officia
 # must stay under the bound.
 
 # %%
-errors, hinfo = theory.digits_hypothesis_errors(hoeffding_hypotheses, seed=seed)
-hx = theory.hoeffding_experiment(errors, hoeffding_ns, hoeffding_trials, delta=hoeffding_delta, seed=seed)
+hx = theory.hoeffding_check(hoeffding_hypotheses, hoeffding_ns, hoeffding_trials, delta=hoeffding_delta, seed=seed)
 # P(violation) <= delta for each |S|: the violation count must be consistent with Binomial(trials, delta)
-allowed = int(binom.ppf(0.999, hoeffding_trials, hoeffding_delta))
-assert all(v <= allowed for v in hx["violations"]), (hx["violations"], allowed)
+assert all(v <= hx["allowed_violations"] for v in hx["violations"]), (hx["violations"], hx["allowed_violations"])
 assert all(g <= b for g, b in zip(hx["mean_sup_gap"], hx["bound"]))
-results["hoeffding"] = {**hx, **hinfo}
-
-fig, ax = plt.subplots(figsize=(5.5, 3.6))
-ax.plot(hoeffding_ns, hx["bound"], "k-", label=f"Hoeffding + union bound, |H|={hoeffding_hypotheses}")
-ax.plot(hoeffding_ns, hx["bound_single_h"], "k--", lw=0.8, label="single-hypothesis bound")
-ax.plot(hoeffding_ns, hx["quantile_sup_gap"], "o-", label=f"{1 - hoeffding_delta:.0%} quantile of sup gap")
-ax.plot(hoeffding_ns, hx["mean_sup_gap"], "s-", label="mean sup gap")
-ax.set(xscale="log", yscale="log", xlabel="|S|", ylabel="sup_h R(h) - R_S(h)",
-       title=f"Eq. 3 on the digits (delta = {hoeffding_delta})")
-ax.legend(fontsize=8)
-run.save_figure(fig, "00_hoeffding")
+results["hoeffding"] = hx
+run.save_figure(theory.plot_hoeffding(hx), "00_hoeffding")
 plt.show()
-print("violations per |S|:", dict(zip(hoeffding_ns, hx["violations"])))
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -313,30 +237,14 @@ print(f"Hoeffding + union bound: violations consistent with a rate <= delta = {h
 # is what the DM loss penalises directly.
 
 # %%
-images = theory.digits_images(diffusion_image_size)
-dr = theory.short_diffusion_run(images, diffusion_steps, batch_size=diffusion_batch_size,
-                                lr=diffusion_lr, seed=seed)
-holds = int(np.sum(dr["l_dm"] <= dr["l_simple"] * (1 + 1e-6)))
+dr = theory.short_diffusion_run(theory.digits_images(diffusion_image_size), diffusion_steps,
+                                batch_size=diffusion_batch_size, lr=diffusion_lr, seed=seed)
+results["diffusion_run"] = theory.diffusion_run_summary(dr, diffusion_batch_size)
+holds = results["diffusion_run"]["holds"]
 assert holds == diffusion_steps, holds
-results["diffusion_run"] = {"steps": diffusion_steps, "holds": holds, "n_params": dr["n_params"],
-                            "seconds": dr["seconds"], "l_simple": dr["l_simple"].tolist(),
-                            "l_dm": dr["l_dm"].tolist(), "image_size": diffusion_image_size,
-                            "batch_size": diffusion_batch_size}
-results["diffusion_run"]["final_ratio_x_batch"] = float(dr["l_dm"][-10:].mean() / dr["l_simple"][-10:].mean()
-                                                       * diffusion_batch_size)
-print(f"{dr['n_params']} parameters, {diffusion_steps} steps in {dr['seconds']:.1f} s; "
-      f"L_simple {dr['l_simple'][0]:.3f} -> {dr['l_simple'][-5:].mean():.3f}, "
-      f"L_DM {dr['l_dm'][0]:.4f} -> {dr['l_dm'][-5:].mean():.4f}")
-
-fig, ax = plt.subplots(figsize=(5.5, 3.6))
-steps = np.arange(1, diffusion_steps + 1)
-ax.plot(steps, dr["l_simple"], label="L_simple (per-sample MSE)")
-ax.plot(steps, dr["l_dm"], label="L_DM (batch mean residual, paper form)")
-ax.plot(steps, dr["l_simple"] / diffusion_batch_size, "k:", lw=0.8, label="L_simple / B (iid residuals)")
-ax.set(yscale="log", xlabel="training step", ylabel="loss",
-       title=f"Tiny DDPM on the digits, batch {diffusion_batch_size}")
-ax.legend(fontsize=8)
-run.save_figure(fig, "00_diffusion_losses")
+print(f"{dr['n_params']} parameters, {diffusion_steps} steps in {dr['seconds']:.1f} s; L_simple "
+      f"{dr['l_simple'][0]:.3f} -> {dr['l_simple'][-5:].mean():.3f}, L_DM {dr['l_dm'][0]:.4f} -> {dr['l_dm'][-5:].mean():.4f}")
+run.save_figure(theory.plot_diffusion_losses(dr, diffusion_batch_size), "00_diffusion_losses")
 plt.show()
 
 # %%

@@ -9,8 +9,11 @@
   ``||sum_i w_i r_i||^2 <= (sum_i w_i^2)(sum_i ||r_i||^2)`` and ``official <= B^2 * L_simple(w)``.
 * Hoeffding + union bound of Eq. 3 / 14 (:func:`hoeffding_bound`) and its empirical check on the
   digits with a finite, fixed hypothesis class (:func:`hoeffding_experiment`).
+* MMD (Eq. 5, 6, 20): the kit's estimators against scikit-learn's kernel matrices
+  (:func:`mmd_estimators_check`) and the permutation test's power and size (:func:`mmd_permutation_check`).
 * :func:`short_diffusion_run`: a short real DDPM training (tiny diffusers ``UNet2DModel``,
   ``DDPMScheduler.add_noise``, AdamW) that logs ``L_simple`` and the batch ``L_DM`` every step.
+* ``plot_*``: the notebook's figures, one function each.
 """
 from __future__ import annotations
 
@@ -157,6 +160,21 @@ def official_vs_paper(n_trials: int, batch_size: int, shape: Sequence[int] = (4,
         "bsz2_holds": int(np.sum(cs_lhs <= j_rhs * (1 + 1e-5))),
         "n": n_trials, "batch_size": B,
         "effective_mean_form_weight": L.OFFICIAL_DM_WEIGHT * B**2,
+    }
+
+
+def official_vs_paper_summary(ovp: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of :func:`official_vs_paper` worth keeping: worst ratio errors and the weights
+    (official 0.003 on the sum form acts like ``0.003 * B^2`` on the mean form: 0.192 at B = 8)."""
+    b = int(ovp["batch_size"])
+    return {
+        "batch_size": b, "trials": int(len(ovp["ratio_unweighted"])),
+        "max_abs_ratio_error": float(np.max(np.abs(ovp["ratio_unweighted"] - 1))),
+        "max_cs_ratio": float(np.max(ovp["official_weighted"] / ovp["cauchy_schwarz_rhs"])),
+        "max_bsz2_ratio": float(np.max(ovp["official_weighted"] / ovp["bsz2_lsimple_rhs"])),
+        "official_weight": L.OFFICIAL_DM_WEIGHT, "paper_weight": L.PAPER_DM_WEIGHT,
+        "official_snr_gamma": L.OFFICIAL_SNR_GAMMA, "paper_snr_gamma": L.PAPER_SNR_GAMMA,
+        "effective_mean_form_weight": L.OFFICIAL_DM_WEIGHT * b * b,
     }
 
 
@@ -323,8 +341,143 @@ def _short_diffusion_run(images, steps, batch_size, lr, seed, unet_config, num_t
             "n_params": sum(p.numel() for p in model.parameters())}
 
 
+def diffusion_run_summary(dr: dict[str, Any], batch_size: int) -> dict[str, Any]:
+    """What :func:`short_diffusion_run` showed: the steps at which ``L_DM <= L_simple`` (Eq. 7; all of
+    them), both loss curves, and ``B * L_DM / L_simple`` over the last 10 steps (1 for iid residuals)."""
+    ls, dm = np.asarray(dr["l_simple"]), np.asarray(dr["l_dm"])
+    return {"steps": int(dr["steps"]), "holds": int(np.sum(dm <= ls * (1 + 1e-6))), "n_params": int(dr["n_params"]),
+            "seconds": float(dr["seconds"]), "l_simple": ls.tolist(), "l_dm": dm.tolist(), "batch_size": batch_size,
+            "final_ratio_x_batch": float(dm[-10:].mean() / ls[-10:].mean() * batch_size)}
+
+
+# --------------------------------------------------------------------------------------------------
+# MMD (Eq. 5, 6, 20): estimators against an independent computation, permutation-test power
+# --------------------------------------------------------------------------------------------------
+def mmd_estimators_check(points: int = 300, class_a: int = 3, class_b: int = 8) -> dict[str, Any]:
+    """The kit's MMD^2 (``losses.mmd2``) on scikit-learn's digits, class ``class_a`` vs ``class_b``,
+    beside an independent computation: the linear-kernel biased MMD^2 is the squared distance of the
+    mean embeddings (Eq. 6); the Gaussian-kernel biased (V) and unbiased (U) estimators (Eq. 20,
+    median-heuristic bandwidth from ``scipy.spatial.distance.pdist``) from the kernel matrices of
+    ``sklearn.metrics.pairwise.rbf_kernel``."""
+    from scipy.spatial.distance import pdist
+    from sklearn.datasets import load_digits
+    from sklearn.metrics.pairwise import rbf_kernel
+
+    X, y = load_digits(return_X_y=True)
+    xa, xb = X[y == class_a][:points], X[y == class_b][:points]
+    sigma = float(np.median(pdist(np.concatenate([xa, xb]))))
+    gamma = 1.0 / (2 * sigma ** 2)
+    kxx, kyy, kxy = (rbf_kernel(u, v, gamma=gamma) for u, v in ((xa, xa), (xb, xb), (xa, xb)))
+    n, m = len(xa), len(xb)
+    return {
+        "linear": L.mmd2(xa, xb, kernel="linear", unbiased=False),
+        "mean_embedding_sq_distance": float(np.sum((xa.mean(0) - xb.mean(0)) ** 2)),
+        "gaussian_biased": L.mmd2(xa, xb, unbiased=False),
+        "gaussian_unbiased": L.mmd2(xa, xb, unbiased=True),
+        "sklearn_biased": float(kxx.mean() + kyy.mean() - 2 * kxy.mean()),
+        "sklearn_unbiased": float((kxx.sum() - np.trace(kxx)) / (n * (n - 1))
+                                  + (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean()),
+        "bandwidth": sigma, "points_per_sample": n,
+    }
+
+
+def gaussian_sample(n: int, generator: torch.Generator, dim: int, shift: float = 0.0) -> torch.Tensor:
+    """``n`` draws of ``N(shift * 1, I_dim)`` (the null has ``shift = 0``)."""
+    return torch.randn(n, dim, generator=generator) + shift
+
+
+def mmd_permutation_check(ns: Sequence[int], trials: int, dim: int, shift: float, n_perm: int = 200,
+                          seed: int = 0) -> dict[str, Any]:
+    """Power of the MMD permutation test (level 0.05) of ``N(0, I)`` vs ``N(shift, I)`` and its
+    rejection rate under the null (``N(0, I)`` vs ``N(0, I)``), for each sample size in ``ns``."""
+    from functools import partial
+
+    null = partial(gaussian_sample, dim=dim)
+    alt = partial(gaussian_sample, dim=dim, shift=shift)
+    return {"ns": list(ns), "power": L.mmd_power(null, alt, ns, trials, n_perm=n_perm, seed=seed),
+            "type1": L.mmd_power(null, null, ns, trials, n_perm=n_perm, seed=seed + 7),
+            "trials": trials, "n_perm": n_perm, "shift": shift, "dim": dim}
+
+
+def hoeffding_check(n_hypotheses: int, ns: Sequence[int], n_trials: int, delta: float = 0.05,
+                    seed: int = 0) -> dict[str, Any]:
+    """:func:`hoeffding_experiment` on :func:`digits_hypothesis_errors`, plus ``allowed``: the 99.9 %
+    quantile of Binomial(``n_trials``, ``delta``), the most violating draws per ``|S|`` consistent with
+    P(violation) <= delta (Eq. 3 is a probability statement)."""
+    from scipy.stats import binom
+
+    errors, info = digits_hypothesis_errors(n_hypotheses, seed=seed)
+    out = hoeffding_experiment(errors, ns, n_trials, delta=delta, seed=seed)
+    return {**out, **info, "allowed_violations": int(binom.ppf(0.999, n_trials, delta))}
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures of notebook 00 (one function each)
+# --------------------------------------------------------------------------------------------------
+def plot_jensen_gap(gaps: dict[str, dict[str, Any]]):
+    """Mean ``L_DM / L_simple`` against the batch size, measured and expected, one line per
+    residual distribution (``{label: jensen_gap_vs_batch(...)}``)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for name, g in gaps.items():
+        ax.plot(g["batch_sizes"], g["mean_ratio"], "o-", label=f"measured, {name}")
+        ax.plot(g["batch_sizes"], g["expected_ratio"], "k--", lw=0.8)
+    ax.set(xscale="log", yscale="log", xlabel="batch size B", ylabel="mean  L_DM / L_simple",
+           title="Jensen gap vs batch size (dashed: expectation)")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_mmd_power(res: dict[str, Any]):
+    """Rejection rate of the permutation test against n (:func:`mmd_permutation_check`)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    ax.plot(res["ns"], res["power"], "o-", label=f"power (shift {res['shift']} per dim)")
+    ax.plot(res["ns"], res["type1"], "s-", label="rejection rate under H0")
+    ax.axhline(0.05, color="k", ls=":", lw=0.8)
+    ax.set(xscale="log", xlabel="n per sample", ylabel="rejection rate at level 0.05", ylim=(-0.02, 1.02),
+           title="MMD permutation test")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_hoeffding(hx: dict[str, Any]):
+    """Sup gap over H against |S| beside the Hoeffding + union bound (:func:`hoeffding_check`)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    ax.plot(hx["ns"], hx["bound"], "k-", label=f"Hoeffding + union bound, |H|={hx['n_hypotheses']}")
+    ax.plot(hx["ns"], hx["bound_single_h"], "k--", lw=0.8, label="single-hypothesis bound")
+    ax.plot(hx["ns"], hx["quantile_sup_gap"], "o-", label=f"{1 - hx['delta']:.0%} quantile of sup gap")
+    ax.plot(hx["ns"], hx["mean_sup_gap"], "s-", label="mean sup gap")
+    ax.set(xscale="log", yscale="log", xlabel="|S|", ylabel="sup_h R(h) - R_S(h)",
+           title=f"Eq. 3 on the digits (delta = {hx['delta']})")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_diffusion_losses(dr: dict[str, Any], batch_size: int):
+    """``L_simple`` and the batch ``L_DM`` per step of :func:`short_diffusion_run`, with
+    ``L_simple / B`` (where ``L_DM`` would sit for independent zero-mean residuals)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    steps = np.arange(1, len(dr["l_simple"]) + 1)
+    ax.plot(steps, dr["l_simple"], label="L_simple (per-sample MSE)")
+    ax.plot(steps, dr["l_dm"], label="L_DM (batch mean residual, paper form)")
+    ax.plot(steps, np.asarray(dr["l_simple"]) / batch_size, "k:", lw=0.8, label="L_simple / B (iid residuals)")
+    ax.set(yscale="log", xlabel="training step", ylabel="loss", title=f"Tiny DDPM on the digits, batch {batch_size}")
+    ax.legend(fontsize=8)
+    return fig
+
+
 __all__ = [
-    "digits_hypothesis_errors", "digits_images", "hoeffding_bound", "hoeffding_experiment",
+    "diffusion_run_summary", "digits_hypothesis_errors", "digits_images", "gaussian_sample", "hoeffding_bound",
+    "hoeffding_check",
+    "hoeffding_experiment", "mmd_estimators_check", "mmd_permutation_check", "plot_diffusion_losses",
+    "plot_hoeffding", "plot_jensen_gap", "plot_mmd_power",
     "jensen_adversarial", "jensen_cancelling", "jensen_equality", "jensen_gap_vs_batch",
-    "jensen_random", "official_vs_paper", "short_diffusion_run", "tiny_unet_config",
+    "jensen_random", "official_vs_paper", "official_vs_paper_summary", "short_diffusion_run", "tiny_unet_config",
 ]

@@ -63,3 +63,47 @@ def test_short_diffusion_run_logs_both_losses():
     assert np.all(out["l_dm"] <= out["l_simple"] * (1 + 1e-6)) and np.all(out["l_dm"] > 0)
     again = T.short_diffusion_run(images, 3, batch_size=4, unet_config=cfg, seed=0)
     assert np.allclose(out["l_simple"], again["l_simple"])  # seeded
+
+
+def test_mmd_estimators_check_agrees_with_sklearn():
+    e = T.mmd_estimators_check(40)
+    assert e["points_per_sample"] == 40
+    assert e["linear"] == pytest.approx(e["mean_embedding_sq_distance"], rel=1e-9)
+    assert e["gaussian_biased"] == pytest.approx(e["sklearn_biased"], rel=1e-9)
+    assert e["gaussian_unbiased"] == pytest.approx(e["sklearn_unbiased"], rel=1e-9)
+    assert e["gaussian_biased"] > e["gaussian_unbiased"]
+
+
+def test_gaussian_sample_and_permutation_check():
+    g = torch.Generator().manual_seed(0)
+    x = T.gaussian_sample(2000, g, dim=3, shift=2.0)
+    assert x.shape == (2000, 3) and x.mean().item() == pytest.approx(2.0, abs=0.1)
+    # a shift of 3 standard deviations is found every time at n = 30; the null rarely
+    res = T.mmd_permutation_check([30], trials=4, dim=2, shift=3.0, n_perm=30, seed=0)
+    assert res["power"] == [1.0] and res["type1"][0] <= 0.5
+
+
+def test_hoeffding_check_allowed_violations():
+    hx = T.hoeffding_check(8, [50], 20, delta=0.05, seed=0)
+    from scipy.stats import binom
+
+    assert hx["allowed_violations"] == int(binom.ppf(0.999, 20, 0.05))
+    assert hx["n_hypotheses"] == 8 and len(hx["violations"]) == 1
+
+
+def test_summaries_and_figures():
+    o = T.official_vs_paper(4, 4, shape=(2, 4, 4))
+    s = T.official_vs_paper_summary(o)
+    assert s["trials"] == 4 and s["max_abs_ratio_error"] < 1e-5 and s["effective_mean_form_weight"] == pytest.approx(0.048)
+    dr = {"l_simple": np.array([1.0, 0.5]), "l_dm": np.array([0.2, 0.6]), "steps": 2, "n_params": 3, "seconds": 0.1}
+    d = T.diffusion_run_summary(dr, 4)
+    assert d["holds"] == 1 and d["final_ratio_x_batch"] == pytest.approx(0.8 / 1.5 * 4)
+    gap = T.jensen_gap_vs_batch([1, 4], 5, 8)
+    figs = [T.plot_jensen_gap({"a": gap}), T.plot_diffusion_losses(dr, 4),
+            T.plot_mmd_power({"ns": [10, 20], "power": [0.1, 0.9], "type1": [0.0, 0.1], "shift": 0.3}),
+            T.plot_hoeffding(T.hoeffding_check(4, [20, 40], 5))]
+    import matplotlib.pyplot as plt
+
+    assert all(len(f.axes) == 1 and f.axes[0].lines for f in figs)
+    for f in figs:
+        plt.close(f)
