@@ -36,7 +36,7 @@ from PIL import Image
 
 from .data import resize_center_crop
 from .params import REPO_ROOT
-from .rundir import atomic_path, read_json, write_json
+from .rundir import atomic_path, read_json, unit_finished, write_json
 
 RECIPE_DIR = REPO_ROOT / "params" / "recipes"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -382,6 +382,7 @@ def train_classifier(out_dir: str | os.PathLike, train_set: torch.utils.data.Dat
                 torch.save({"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
                             "epoch": epoch + 1, "history": history, "elapsed": elapsed}, tmp)
         accelerator.wait_for_everyone()
+        unit_finished("epoch")  # tests: REALFAKE_KILL_AFTER_UNITS=epoch:<n> stops here
         if verbose:
             print(f"epoch {epoch + 1}/{num_epochs} loss {history[-1]['loss']:.4f}")
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < num_epochs:

@@ -475,7 +475,7 @@ def train_lora(cfg: FinetuneConfig, train_set: TrainSet | str | os.PathLike, res
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 
-    from .rundir import atomic_path, read_json, write_json
+    from .rundir import atomic_path, read_json, unit_finished, write_json
 
     cfg.validate()
     if not cfg.output_dir:
@@ -629,6 +629,7 @@ def train_lora(cfg: FinetuneConfig, train_set: TrainSet | str | os.PathLike, res
                     write_json(Path(path) / STATE_FILE, {"global_step": global_step, "history": history,
                                                          "config_hash": chash})
                 accelerator.wait_for_everyone()
+                unit_finished("checkpoint")  # tests: REALFAKE_KILL_AFTER_UNITS=checkpoint:<n> stops here
             if cfg.sleep_per_step:
                 time.sleep(cfg.sleep_per_step)
     finally:

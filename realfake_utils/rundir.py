@@ -11,11 +11,16 @@ runs/<preset>/
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import random
+import secrets
+import signal
+import socket
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -40,6 +45,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def make_temp_dir(prefix: str, dir: str | os.PathLike, suffix: str = ".tmp") -> Path:
+    """``tempfile.mkdtemp`` whose folder gets the umask's mode (mkdtemp makes 0700; a folder renamed
+    into a shared run folder must be readable by whoever the umask allows)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=dir))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
 
 
 def _umask() -> int:
@@ -165,6 +178,175 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------ one writer per run folder
+LOCK_NAME = ".realfake.lock"
+LOCK_TOKEN_ENV = "REALFAKE_LOCK_TOKEN"   # set by `realfake run` for its kernels: they share its lock
+_HELD: dict[str, "RunLock"] = {}
+
+
+class RunFolderBusy(RuntimeError):
+    """Another process (a `realfake run` or a notebook kernel) holds the run folder's lock."""
+
+
+class RunLock:
+    """A held lock on a run folder: ``fcntl.flock`` on ``<run>/.realfake.lock`` for this process's
+    lifetime (or until :meth:`release`). The kernel releases it when the process dies, so a lock of a
+    dead process is never stale in effect; its recorded PID is only reported (``took_over``)."""
+
+    def __init__(self, root: Path, fd: int, token: str, role: str, took_over: int | None = None):
+        self.root, self.fd, self.token, self.role, self.took_over = root, fd, token, role, took_over
+
+    @property
+    def path(self) -> Path:
+        return self.root / LOCK_NAME
+
+    def release(self) -> None:
+        """Drop the lock; the last holder clears the record (a record left behind means a process
+        died holding the folder, reported as ``took_over`` by the next owner)."""
+        if self.fd >= 0:
+            try:
+                gate = os.open(self.root / (LOCK_NAME + ".gate"), os.O_RDWR | os.O_CREAT, 0o666)
+                try:
+                    fcntl.flock(gate, fcntl.LOCK_EX)
+                    info = _read_lock_info(self.fd)
+                    others = [p for p in info.get("members", []) if p != os.getpid() and _pid_alive(p)]
+                    if others:
+                        _write_lock_info(self.fd, dict(info, members=others))
+                    else:
+                        os.ftruncate(self.fd, 0)
+                finally:
+                    os.close(gate)
+            except OSError:
+                pass   # a vanished or read-only folder: closing still drops the lock
+            os.close(self.fd)   # closing the descriptor drops the flock
+            self.fd = -1
+        _HELD.pop(str(self.root), None)
+
+    def __repr__(self) -> str:
+        return f"RunLock({str(self.path)!r}, role={self.role!r}, pid={os.getpid()})"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_lock_info(fd: int) -> dict[str, Any]:
+    os.lseek(fd, 0, os.SEEK_SET)
+    data = b""
+    while chunk := os.read(fd, 65536):
+        data += chunk
+    try:
+        info = json.loads(data.decode() or "{}")
+    except ValueError:
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _write_lock_info(fd: int, info: dict[str, Any]) -> None:
+    # in place, never by rename: the flock belongs to this inode
+    data = (json.dumps(info, sort_keys=True) + "\n").encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)
+
+
+def _busy_message(root: Path, info: dict[str, Any]) -> str:
+    members = [p for p in info.get("members", []) if isinstance(p, int)]
+    alive = [p for p in members if _pid_alive(p)] or members or [info.get("pid", "?")]
+    who = ", ".join(str(p) for p in alive)
+    what = "a `realfake run`" if info.get("role") == "run" else "a notebook kernel"
+    since = info.get("started", "?")
+    return (f"run folder {root} is in use by PID {who} ({what} started {since} on {info.get('host', '?')}; "
+            f"lock file {root / LOCK_NAME}): wait for it to finish or stop it (kill {alive[0]}), or use "
+            "another run folder; two writers on one run folder corrupt it")
+
+
+def lock_run_folder(root: str | os.PathLike, role: str = "run", token: str | None = None,
+                    wait_s: float = 0.0) -> RunLock:
+    """Take the run folder's lock for this process (idempotent within a process).
+
+    ``role="run"``: `realfake run`, the owner; refused at once (:class:`RunFolderBusy`, naming the PID
+    and the lock file) while any other process holds the folder. ``role="kernel"`` with the owner's
+    ``token`` (``$REALFAKE_LOCK_TOKEN``, passed by the runner to its kernels): joins the owner's lock
+    and holds it itself, so a kernel that outlives a killed runner still keeps others out. A kernel
+    without the token (JupyterLab, nbval) becomes an owner like a run; ``wait_s`` waits that long for a
+    previous *kernel* owner to exit (a kernel being shut down), never for a run.
+
+    Protocol: every acquisition happens under an exclusive flock on ``.realfake.lock.gate``; an owner
+    takes ``LOCK_EX`` on the lock file (possible only if no one holds it), records pid / token, and
+    converts to ``LOCK_SH``; members with the token add a ``LOCK_SH``.
+    """
+    root = Path(root).resolve()
+    key = str(root)
+    if key in _HELD:
+        return _HELD[key]
+    root.mkdir(parents=True, exist_ok=True)
+    t_end = time.monotonic() + wait_s
+    while True:
+        gate = os.open(root / (LOCK_NAME + ".gate"), os.O_RDWR | os.O_CREAT, 0o666)
+        fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(gate, fcntl.LOCK_EX)
+            info = _read_lock_info(fd)
+            pid = os.getpid()
+            if token and info.get("token") == token:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)   # owners hold SH: cannot block
+                info["members"] = [p for p in info.get("members", []) if _pid_alive(p)] + [pid]
+                _write_lock_info(fd, info)
+                lock = RunLock(root, fd, token, role)
+                break
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if info.get("role") == "kernel" and time.monotonic() < t_end:
+                    os.close(fd)
+                    fd = -1
+                    continue   # (finally releases the gate) a kernel being shut down: try again
+                raise RunFolderBusy(_busy_message(root, info)) from None
+            old = info.get("pid")
+            took_over = old if isinstance(old, int) and old != pid and not _pid_alive(old) else None
+            new_token = token or secrets.token_hex(8)
+            _write_lock_info(fd, {"pid": pid, "role": role, "token": new_token, "members": [pid],
+                                  "host": socket.gethostname(),
+                                  "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+            fcntl.flock(fd, fcntl.LOCK_SH)   # under the gate: no one can slip in between
+            lock = RunLock(root, fd, new_token, role, took_over)
+            break
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            raise
+        finally:
+            os.close(gate)
+            if fd < 0:
+                time.sleep(0.1)
+    _HELD[key] = lock
+    return lock
+
+
+# ------------------------------------------------------------------------------ test hook: hard kills
+KILL_ENV = "REALFAKE_KILL_AFTER_UNITS"
+_UNITS: dict[str, int] = {}
+
+
+def unit_finished(kind: str) -> None:
+    """Call right after a unit of work of ``kind`` is durably in place (an image renamed into its set,
+    a checkpoint saved, an epoch checkpoint written). With ``REALFAKE_KILL_AFTER_UNITS=<kind>:<n>`` in
+    the environment the process SIGKILLs itself after its ``n``-th such unit: the kill tests stop a
+    job at exactly a chosen point, with no timing involved. Without the variable it only counts."""
+    _UNITS[kind] = _UNITS.get(kind, 0) + 1
+    spec = os.environ.get(KILL_ENV, "")
+    if spec:
+        want, _, n = spec.rpartition(":")
+        if want == kind and n.isdigit() and _UNITS[kind] == int(n):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class RunDir:

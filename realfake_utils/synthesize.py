@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .rundir import atomic_path, read_json, write_json
+from .rundir import atomic_path, read_json, unit_finished, write_json
 
 SPEC = "synthesis.json"
 MANIFEST = "manifest.jsonl"
@@ -584,6 +584,7 @@ def run_set(set_dir: str | os.PathLike, *, num_shards: int = 1, shard_index: int
                     os.chmod(tmp, 0o644)  # mkstemp makes 0600; a set is shared data
                 generated += 1
                 bar.update(1)
+                unit_finished("image")  # tests: REALFAKE_KILL_AFTER_UNITS=image:<n> stops here
             if delay:
                 time.sleep(delay)
             if time.time() - t_merge > merge_every_s:
