@@ -10,22 +10,39 @@ Pure attack math first (numpy / scipy / scikit-learn, no torch needed):
   ``scipy.stats.norm.logpdf``), offline (out only, one-sided: ``norm.logcdf``), each with a per-example
   or a fixed global variance;
 - :func:`attack_metrics` - ROC (``sklearn.metrics.roc_curve``), AUC, balanced accuracy, TPR at fixed FPR;
-- :func:`plot_roc` - ROC curves on log-log axes from 1e-5, as in Carlini et al. and Real-Fake Fig. 3.
+  :func:`bootstrap_intervals` - seeded, stratified bootstrap over examples of AUC and TPR at 0.1 % / 1 %
+  FPR; :func:`evaluate_attack` - all of it as one :class:`Attack` with its (subsampled) ROC curve;
+- :func:`plot_roc` / :func:`plot_fig3` - ROC curves on log-log axes from 1e-5, as in Carlini et al. and
+  Real-Fake Fig. 3 (06 and 09 draw the figure with these).
 
 Then the shadow-model machinery (:func:`run_shadow_models`, :func:`load_shadow_scores`): the trainer is
-a callable passed in, every finished shadow model's scores are written atomically and never retrained,
-and index ranges (``shard="0:8"``) let several processes share the work.
+a callable passed in, every finished shadow model's scores are written atomically and sealed with
+``rundir.mark_done``, never retrained, and index ranges (``shard="0:8"``) let several processes share
+the work.
+
+Then Sec. 4.5's protocol, one call per stage (06 is parameters -> these calls -> figure -> checks):
+:func:`private_data` (the real train split, half members), :func:`shadow_models`, :func:`real_target`
+(a classifier on the members), :func:`synthetic_target` (LoRA on the members with 02's recorded
+configuration, a synthetic set of equal size with 03's settings, a classifier on it),
+:func:`build_record` -> :class:`LiraRecord` (``results/06_lira.json``). Every folder under
+``artifacts/lira/`` is named by ``rundir.content_hash`` of what defines its content.
 
 Score arrays have shape ``[n_models, n_examples, n_queries]``; masks ``[n_models, n_examples]`` (bool).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import numpy as np
+
+from . import data
+from .records import Record
+from .rundir import atomic_path, content_hash, is_done, mark_done, read_json, tree_sha256, write_json
 
 ATTACKS = ("online", "online_fixed", "offline", "offline_fixed")
 ATTACK_LABELS = {
@@ -178,12 +195,22 @@ def leave_one_out(shadow_scores: np.ndarray, shadow_masks: np.ndarray, attack: s
 
 
 # --------------------------------------------------------------------------------------------------
-# Metrics and figure
+# Metrics, bootstrap intervals, the ROC record of one attack
 # --------------------------------------------------------------------------------------------------
 def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
     """Largest TPR whose FPR is <= ``target`` on the ROC (0 if none)."""
     ok = np.flatnonzero(np.asarray(fpr) <= target + 1e-12)
     return float(np.asarray(tpr)[ok].max()) if len(ok) else 0.0
+
+
+def _check_labels(scores: np.ndarray, is_member: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=-np.inf)
+    y = np.asarray(is_member, dtype=bool)
+    if scores.shape != y.shape:
+        raise ValueError(f"{scores.shape[0] if scores.ndim else 0} scores for {y.shape[0]} membership labels")
+    if y.all() or (~y).all():
+        raise ValueError("need both members and non-members to compute a ROC")
+    return scores, y
 
 
 def attack_metrics(scores: np.ndarray, is_member: np.ndarray,
@@ -192,11 +219,7 @@ def attack_metrics(scores: np.ndarray, is_member: np.ndarray,
     1 - (FPR + FNR) / 2, as Carlini et al.'s "accuracy"), TPR at each FPR in ``fprs``, plus the curve."""
     from sklearn.metrics import auc, roc_curve
 
-    scores = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(is_member, dtype=bool)
-    if y.all() or (~y).all():
-        raise ValueError("need both members and non-members to compute a ROC")
-    scores = np.nan_to_num(scores, nan=-np.inf)
+    scores, y = _check_labels(scores, is_member)
     fpr, tpr, _ = roc_curve(y, scores)
     out = {
         "auc": float(auc(fpr, tpr)),
@@ -217,23 +240,179 @@ def _fmt_fpr(f: float) -> str:
 
 
 def summary(metrics: dict[str, Any]) -> dict[str, Any]:
-    """Metrics without the curve arrays (for ``results/*.json``)."""
+    """Metrics without the curve arrays."""
     return {k: v for k, v in metrics.items() if k not in ("fpr", "tpr")}
 
 
-def plot_roc(curves: dict[str, dict[str, Any]], ax=None, title: str = "", xmin: float = 1e-5):
-    """ROC curves on log-log axes from ``xmin`` (Carlini et al. Fig.; Real-Fake Fig. 3).
-    ``curves``: label -> metrics from :func:`attack_metrics`."""
+def fast_auc(scores: np.ndarray, is_member: np.ndarray) -> np.ndarray:
+    """AUC as the Mann-Whitney statistic (average ranks for ties), row-wise for 2-D ``scores`` /
+    ``is_member`` ([B, n]); equals ``sklearn.metrics.roc_auc_score`` (tested)."""
+    from scipy.stats import rankdata
+
+    s = np.atleast_2d(scores)
+    y = np.atleast_2d(is_member).astype(bool)
+    r = rankdata(s, axis=1)
+    n_pos = y.sum(1)
+    n_neg = y.shape[1] - n_pos
+    return ((r * y).sum(1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def fast_tpr_at_fpr(member_scores: np.ndarray, nonmember_scores: np.ndarray, target: float) -> np.ndarray:
+    """TPR at FPR <= ``target``, row-wise over [B, n_pos] / [B, n_neg]: the share of members scoring
+    strictly above the (m+1)-th highest non-member, m = floor(target * n_neg) (the false positives
+    allowed). Equals :func:`tpr_at_fpr` on the ``roc_curve`` (tested)."""
+    pos = np.atleast_2d(member_scores)
+    neg = -np.sort(-np.atleast_2d(nonmember_scores), axis=1)
+    m = int(np.floor(target * neg.shape[1] + 1e-9))
+    if m >= neg.shape[1]:
+        return np.ones(pos.shape[0])
+    return (pos > neg[:, m:m + 1]).mean(1)
+
+
+@dataclass
+class Interval:
+    """Percentile bootstrap interval (``n_bootstrap`` resamples of the examples, members and
+    non-members resampled separately so both counts stay fixed)."""
+
+    lo: float
+    hi: float
+    confidence: float = 0.95
+    n_bootstrap: int = 0
+
+
+def bootstrap_intervals(scores: np.ndarray, is_member: np.ndarray, n_bootstrap: int = 1000, seed: int = 0,
+                        fprs: Sequence[float] = DEFAULT_FPRS, confidence: float = 0.95,
+                        chunk: int = 200) -> dict[str, Interval]:
+    """Seeded, stratified bootstrap over examples of the AUC and the TPR at each of ``fprs``:
+    {"auc": Interval, "tpr_at_1pct_fpr": Interval, ...}. ``n_bootstrap = 0`` gives (nan, nan)."""
+    scores, y = _check_labels(scores, is_member)
+    pos, neg = scores[y], scores[~y]
+    keys = ["auc"] + [f"tpr_at_{_fmt_fpr(f)}_fpr" for f in fprs]
+    if n_bootstrap <= 0:
+        return {k: Interval(float("nan"), float("nan"), confidence, 0) for k in keys}
+    rng = np.random.default_rng(seed)
+    vals: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+    for start in range(0, n_bootstrap, chunk):
+        b = min(chunk, n_bootstrap - start)
+        bp = pos[rng.integers(0, len(pos), size=(b, len(pos)))]
+        bn = neg[rng.integers(0, len(neg), size=(b, len(neg)))]
+        lab = np.concatenate([np.ones_like(bp, dtype=bool), np.zeros_like(bn, dtype=bool)], 1)
+        vals["auc"].append(fast_auc(np.concatenate([bp, bn], 1), lab))
+        for f, k in zip(fprs, keys[1:]):
+            vals[k].append(fast_tpr_at_fpr(bp, bn, f))
+    a = (1 - confidence) / 2
+    out = {}
+    for k, v in vals.items():
+        lo, hi = np.quantile(np.concatenate(v), [a, 1 - a])
+        out[k] = Interval(float(lo), float(hi), confidence, int(n_bootstrap))
+    return out
+
+
+def subsample_roc(fpr: np.ndarray, tpr: np.ndarray, max_points: int = 500) -> tuple[list[float], list[float]]:
+    """At most ~``max_points`` points of a ROC curve for storing and plotting: the first and last point,
+    the upper envelope at log-spaced FPRs from 1/len down to 1e-5 (where Fig. 3 looks) and at evenly spaced
+    indices. A curve already small enough is returned unchanged."""
+    fpr, tpr = np.asarray(fpr, dtype=float), np.asarray(tpr, dtype=float)
+    if len(fpr) <= max_points:
+        return fpr.tolist(), tpr.tolist()
+    half = max(2, max_points // 2)
+    grid = np.logspace(-5, 0, half)
+    at_log = np.searchsorted(fpr, grid, side="right") - 1   # last point with fpr <= g: highest tpr there
+    at_lin = np.linspace(0, len(fpr) - 1, half).round().astype(int)
+    idx = np.unique(np.concatenate([[0, len(fpr) - 1], at_log[at_log >= 0], at_lin]))
+    return fpr[idx].tolist(), tpr[idx].tolist()
+
+
+@dataclass
+class Attack:
+    """One attack on one target model: the numbers of Real-Fake Fig. 3 and its ROC curve.
+
+    ``target``: ``real`` (classifier trained on the members, Sec. 4.5 "private data"), ``synthetic``
+    (trained on a synthetic set from a generator fine-tuned on the members) or ``leave-one-out``
+    (Carlini et al.'s own evaluation over the shadow models). ``attack``: one of :data:`ATTACKS` or
+    ``global`` (the global-threshold baseline, no shadow models). TPRs and FPRs are fractions.
+    """
+
+    target: str
+    attack: str
+    auc: float
+    balanced_accuracy: float
+    tpr_at_0p1pct_fpr: float
+    tpr_at_1pct_fpr: float
+    n_members: int
+    n_nonmembers: int
+    min_resolvable_fpr: float
+    auc_interval: Interval
+    tpr_at_0p1pct_fpr_interval: Interval
+    tpr_at_1pct_fpr_interval: Interval
+    fpr: list[float]
+    tpr: list[float]
+
+    @property
+    def label(self) -> str:
+        return ATTACK_LABELS.get(self.attack, "global threshold (no shadows)")
+
+
+def evaluate_attack(target: str, attack: str, scores: np.ndarray, is_member: np.ndarray,
+                    n_bootstrap: int = 1000, seed: int = 0, max_points: int = 500) -> Attack:
+    """:func:`attack_metrics` + :func:`bootstrap_intervals` + :func:`subsample_roc` as an :class:`Attack`."""
+    m = attack_metrics(scores, is_member)
+    ci = bootstrap_intervals(scores, is_member, n_bootstrap, seed)
+    fpr, tpr = subsample_roc(m["fpr"], m["tpr"], max_points)
+    return Attack(target=target, attack=attack, auc=m["auc"], balanced_accuracy=m["balanced_accuracy"],
+                  tpr_at_0p1pct_fpr=m["tpr_at_0.1pct_fpr"], tpr_at_1pct_fpr=m["tpr_at_1pct_fpr"],
+                  n_members=m["n_members"], n_nonmembers=m["n_nonmembers"],
+                  min_resolvable_fpr=m["min_resolvable_fpr"], auc_interval=ci["auc"],
+                  tpr_at_0p1pct_fpr_interval=ci["tpr_at_0.1pct_fpr"],
+                  tpr_at_1pct_fpr_interval=ci["tpr_at_1pct_fpr"], fpr=fpr, tpr=tpr)
+
+
+def attack_target(target: str, shadow_scores: np.ndarray, shadow_masks: np.ndarray,
+                  target_scores: np.ndarray, is_member: np.ndarray, n_bootstrap: int = 1000,
+                  seed: int = 0, max_points: int = 500) -> list[Attack]:
+    """Every attack of :data:`ATTACKS` and the global threshold against one target model's phi scores."""
+    out = [evaluate_attack(target, a, lira_scores(shadow_scores, shadow_masks, target_scores, a), is_member,
+                           n_bootstrap, seed, max_points) for a in ATTACKS]
+    out.append(evaluate_attack(target, "global", global_threshold_scores(target_scores), is_member,
+                               n_bootstrap, seed, max_points))
+    return out
+
+
+def format_attacks(attacks: Sequence[Attack]) -> str:
+    """One line per attack: AUC and TPR at 1 % FPR with their bootstrap intervals, TPR at 0.1 % FPR."""
+    lines = []
+    for a in attacks:
+        ci_auc, ci_t = a.auc_interval, a.tpr_at_1pct_fpr_interval
+        lines.append(f"{a.target:>13s} {a.label:32s} AUC {a.auc:.3f} [{ci_auc.lo:.3f}, {ci_auc.hi:.3f}]  "
+                     f"TPR@1%FPR {100 * a.tpr_at_1pct_fpr:5.2f}% [{100 * ci_t.lo:.2f}, {100 * ci_t.hi:.2f}]  "
+                     f"TPR@0.1%FPR {100 * a.tpr_at_0p1pct_fpr:5.2f}%  ({a.n_members} members / "
+                     f"{a.n_nonmembers} non-members)")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Figure (06 and 09 both draw Fig. 3 with these)
+# --------------------------------------------------------------------------------------------------
+def _curve(c: Any) -> tuple[str, np.ndarray, np.ndarray, float]:
+    if isinstance(c, Attack):
+        return c.label, np.asarray(c.fpr), np.asarray(c.tpr), c.auc
+    return "", np.asarray(c["fpr"]), np.asarray(c["tpr"]), float(c["auc"])
+
+
+def plot_roc(curves: dict[str, Any] | Sequence[Attack], ax=None, title: str = "", xmin: float = 1e-5):
+    """ROC curves on log-log axes from ``xmin`` (Carlini et al.; Real-Fake Fig. 3). ``curves``: a list
+    of :class:`Attack` (labelled by attack) or {label: metrics of :func:`attack_metrics`}."""
     import matplotlib.pyplot as plt
 
     if ax is None:
         _, ax = plt.subplots(figsize=(4.2, 4.0))
+    items = list(curves.items()) if isinstance(curves, dict) else [(None, c) for c in curves]
     grid = np.logspace(np.log10(xmin), 0, 200)
     ax.plot(grid, grid, ls="--", color="gray", lw=0.8, label="chance")
-    for label, m in curves.items():
-        fpr = np.clip(m["fpr"], xmin, 1)
-        ax.plot(fpr, np.clip(m["tpr"], xmin, 1), lw=1.5,
-                label=f"{label} (AUC {m['auc']:.3f})")
+    for label, c in items:
+        name, fpr, tpr, auc_ = _curve(c)
+        ax.plot(np.clip(fpr, xmin, 1), np.clip(tpr, xmin, 1), lw=1.5,
+                label=f"{label or name} (AUC {auc_:.3f})")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(xmin, 1)
@@ -241,17 +420,39 @@ def plot_roc(curves: dict[str, dict[str, Any]], ax=None, title: str = "", xmin: 
     ax.set_xlabel("False positive rate")
     ax.set_ylabel("True positive rate")
     if title:
-        ax.set_title(title)
+        ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     return ax.figure
 
 
+TARGET_TITLES = {"real": "(a) trained on the real members", "synthetic": "(b) trained on synthetic data"}
+
+
+def plot_fig3(record: "LiraRecord", axes: Sequence | None = None, with_global: bool = False):
+    """Real-Fake Fig. 3 from a :class:`LiraRecord`: one log-log ROC panel per target (real, synthetic)
+    with the four LiRA attacks. ``axes``: existing axes to draw into (09's figure), else a new figure."""
+    import matplotlib.pyplot as plt
+
+    targets = [t for t in ("real", "synthetic") if record.by_target(t)]
+    if axes is None:
+        fig, axes = plt.subplots(1, max(1, len(targets)), figsize=(4.4 * max(1, len(targets)), 4.2),
+                                 squeeze=False)
+        axes = list(axes[0])
+    for ax, t in zip(axes, targets):
+        plot_roc([a for a in record.by_target(t) if with_global or a.attack != "global"], ax=ax,
+                 title=f"{TARGET_TITLES[t]} ({record.n_members} members / {record.n_nonmembers} non-members)")
+    fig = axes[0].figure
+    fig.tight_layout()
+    return fig
+
+
 # --------------------------------------------------------------------------------------------------
-# Shadow models: resumable, shardable
+# Shadow models: resumable (rundir.mark_done per model), shardable
 # --------------------------------------------------------------------------------------------------
 TrainFn = Callable[[np.ndarray, int], Any]
 """``train_fn(member_indices, shadow_index) -> logits [n_examples, n_queries, C]`` for ALL examples
 (queries: the image and its horizontal flip). It trains a fresh model on ``member_indices`` only."""
+SCORES_FILE = "scores.npz"
 
 
 def parse_shard(shard: str | Sequence[int] | None, n_models: int) -> list[int]:
@@ -272,16 +473,27 @@ def parse_shard(shard: str | Sequence[int] | None, n_models: int) -> list[int]:
     return idx
 
 
-def shadow_path(out_dir: str | os.PathLike, k: int) -> Path:
-    return Path(out_dir) / f"shadow_{k:03d}.npz"
+def shadow_dir(out_dir: str | os.PathLike, k: int) -> Path:
+    """The folder of shadow model ``k``: ``scores.npz`` + ``DONE.json`` (+ ``model/`` when trained by
+    the kit's classifier trainer)."""
+    return Path(out_dir) / f"shadow_{k:03d}"
 
 
 def _write_npz(path: Path, **arrays) -> None:
-    from .rundir import atomic_path
-
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
+
+
+def _shadow_config(out_dir: Path) -> dict[str, Any]:
+    path = out_dir / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{out_dir} has no shadow models (no config.json); run run_shadow_models")
+    return read_json(path)
+
+
+def _shadow_key(cfg: dict[str, Any], k: int) -> str:
+    return content_hash({"shadow_config": cfg, "k": int(k)})
 
 
 def prepare_shadow_dir(out_dir: str | os.PathLike, labels: np.ndarray, n_models: int, seed: int,
@@ -290,17 +502,16 @@ def prepare_shadow_dir(out_dir: str | os.PathLike, labels: np.ndarray, n_models:
 
     A folder made for other labels, another number of models, seed or config is refused (stale
     scores would otherwise be silently mixed)."""
-    from .rundir import read_json, write_json
-
     out_dir = Path(out_dir)
     labels = np.asarray(labels, dtype=np.int64)
-    cfg = {"n_models": int(n_models), "seed": int(seed), "n_examples": int(len(labels)),
-           **(config or {})}
+    cfg = json.loads(json.dumps({"n_models": int(n_models), "seed": int(seed), "n_examples": int(len(labels)),
+                                 "labels_sha256": content_hash(labels.tolist(), 64), **(config or {})},
+                                default=str))
     cfg_path, mask_path = out_dir / "config.json", out_dir / "masks.npz"
     masks = balanced_masks(n_models, len(labels), seed)
     if cfg_path.exists():
         old = read_json(cfg_path)
-        if old != json.loads(json.dumps(cfg, default=str)):
+        if old != cfg:
             raise ValueError(f"{out_dir} holds shadow models of another configuration:\n  there: {old}\n"
                              f"  asked: {cfg}\nuse another folder or delete it")
         saved = np.load(mask_path)
@@ -320,15 +531,18 @@ def run_shadow_models(train_fn: TrainFn, labels: np.ndarray, out_dir: str | os.P
     """Train the shadow models of ``shard`` that are not finished yet; returns the indices trained.
 
     Shadow model k trains on ``masks[k]`` (see :func:`balanced_masks`); its phi scores for every
-    example and query go to ``out_dir/shadow_{k:03d}.npz`` atomically. A finished file is never
-    retrained, so a killed run resumes and processes given disjoint ``shard`` ranges share the work.
+    example and query go to ``shadow_{k:03d}/scores.npz`` atomically, then ``rundir.mark_done`` seals
+    the folder (key: the shadow configuration and k; the scores' SHA-256 is verified on reading). A
+    finished model is never retrained, so a killed run resumes and processes given disjoint ``shard``
+    ranges share the work.
     """
     labels = np.asarray(labels, dtype=np.int64)
     masks = prepare_shadow_dir(out_dir, labels, n_models, seed, config)
+    cfg = _shadow_config(Path(out_dir))
     done = []
     for k in parse_shard(shard, n_models):
-        path = shadow_path(out_dir, k)
-        if path.exists():
+        d, key = shadow_dir(out_dir, k), _shadow_key(cfg, k)
+        if is_done(d, key):
             continue
         logits = _to_numpy(train_fn(np.flatnonzero(masks[k]), k))
         if logits.ndim == 2:
@@ -336,28 +550,24 @@ def run_shadow_models(train_fn: TrainFn, labels: np.ndarray, out_dir: str | os.P
         if logits.shape[0] != len(labels):
             raise ValueError(f"train_fn returned logits for {logits.shape[0]} examples, expected {len(labels)}")
         scores = logit_scaled_confidence(logits, labels[:, None])
-        _write_npz(path, scores=scores.astype(np.float64), mask=masks[k])
+        _write_npz(d / SCORES_FILE, scores=scores.astype(np.float64), mask=masks[k])
+        mark_done(d, key, [SCORES_FILE], info={"k": k, "n_members": int(masks[k].sum())})
         done.append(k)
         if log:
             log(f"shadow model {k + 1}/{n_models} done ({int(masks[k].sum())} members)")
     return done
 
 
-def load_shadow_scores(out_dir: str | os.PathLike, n_models: int | None = None
-                       ) -> tuple[np.ndarray, np.ndarray]:
-    """(scores [M, n, q], masks [M, n]) of all shadow models; a clear error listing missing ones."""
-    from .rundir import read_json
-
+def load_shadow_scores(out_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """(scores [M, n, q], masks [M, n]) of all shadow models; a clear error listing unfinished ones."""
     out_dir = Path(out_dir)
-    cfg_path = out_dir / "config.json"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{out_dir} has no shadow models (no config.json); run run_shadow_models")
-    n = int(n_models or read_json(cfg_path)["n_models"])
-    missing = [k for k in range(n) if not shadow_path(out_dir, k).exists()]
+    cfg = _shadow_config(out_dir)
+    n = int(cfg["n_models"])
+    missing = [k for k in range(n) if not is_done(shadow_dir(out_dir, k), _shadow_key(cfg, k))]
     if missing:
         raise FileNotFoundError(f"shadow models {missing} of {n} are not finished in {out_dir}; "
-                                "run (or resume) run_shadow_models for them")
-    files = [np.load(shadow_path(out_dir, k)) for k in range(n)]
+                                "run (or resume) run_shadow_models for them (06: shadow_shard)")
+    files = [np.load(shadow_dir(out_dir, k) / SCORES_FILE) for k in range(n)]
     return np.stack([f["scores"] for f in files]), np.stack([f["mask"] for f in files])
 
 
@@ -402,16 +612,312 @@ def train_target(out_dir: str | os.PathLike, images, labels, num_classes: int, r
 def classifier_trainer(images, labels, out_root: str | os.PathLike, num_classes: int,
                        recipe: dict[str, Any], seed: int = 0, device: str = "auto") -> TrainFn:
     """A :data:`TrainFn` for :func:`run_shadow_models`: shadow model k is ``classify.train_classifier``
-    on ``images[members]`` (run folder ``out_root/model_{k:03d}``, itself resumable per epoch), queried
-    on all ``images`` and their flips."""
+    on ``images[members]`` (run folder ``out_root/shadow_{k:03d}/model``, itself resumable per epoch),
+    queried on all ``images`` and their flips."""
     labels = np.asarray(_to_numpy(labels), dtype=np.int64)
 
     def train(members: np.ndarray, k: int):
         import torch
 
         idx = torch.as_tensor(members, dtype=torch.long)
-        model = train_target(Path(out_root) / f"model_{k:03d}", images[idx], labels[members], num_classes,
+        model = train_target(shadow_dir(out_root, k) / "model", images[idx], labels[members], num_classes,
                              recipe, seed=seed * 1000 + k, device=device)
         return query_logits(model, images)
 
     return train
+
+
+def scored_target(out_dir: str | os.PathLike, key: str, images, labels, query_images, query_labels,
+                  num_classes: int, recipe: dict[str, Any], seed: int, device: str = "auto") -> np.ndarray:
+    """phi scores [n, 2] of the private data under a classifier trained on (``images``, ``labels``);
+    the classifier in ``out_dir/model``, the scores in ``out_dir/scores.npz``, sealed by ``mark_done``
+    with ``key`` (a finished target is read back, never retrained)."""
+    out_dir = Path(out_dir)
+    if is_done(out_dir, key):
+        return np.load(out_dir / SCORES_FILE)["scores"]
+    model = train_target(out_dir / "model", images, labels, num_classes, recipe, seed=seed, device=device)
+    scores = logit_scaled_confidence(query_logits(model, query_images), np.asarray(query_labels)[:, None])
+    _write_npz(out_dir / SCORES_FILE, scores=scores)
+    mark_done(out_dir, key, [SCORES_FILE], info={"n_train": int(len(labels))})
+    return scores
+
+
+# --------------------------------------------------------------------------------------------------
+# Sec. 4.5 protocol: the private data, the shadow models, the two targets
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class PrivateData:
+    """The private data of Sec. 4.5 (the real train split, or ``max_examples`` of it) split into
+    exactly half members / half non-members."""
+
+    images: Any                 # torch.uint8 [n, 3, S, S]
+    labels: Any                 # torch.int64 [n]
+    rows: list[dict[str, Any]]  # manifest rows, same order
+    member: np.ndarray          # bool [n]
+    class_names: list[str]
+    image_size: int
+    seed: int
+
+    @property
+    def ids(self) -> list[str]:
+        return [str(r["id"]) for r in self.rows]
+
+    @property
+    def n_members(self) -> int:
+        return int(self.member.sum())
+
+    @property
+    def n_nonmembers(self) -> int:
+        return int((~self.member).sum())
+
+    def key(self) -> dict[str, Any]:
+        """What decides this split's content (hashed into every folder tag)."""
+        return {"ids": self.ids, "member": np.flatnonzero(self.member).tolist(), "image_size": self.image_size,
+                "labels": _to_numpy(self.labels).tolist()}
+
+    def subset(self, which: np.ndarray):
+        import torch
+
+        idx = torch.as_tensor(np.flatnonzero(which), dtype=torch.long)
+        return self.images[idx], self.labels[idx]
+
+
+def private_data(run: Any, image_size: int, max_examples: int = 0, seed: int = 0) -> PrivateData:
+    """The real train split of the run folder (01's manifest), a random ``max_examples`` subset of it
+    if > 0, and a random half of it as members (seeded)."""
+    data_dir = _run_root(run) / "artifacts" / "data"
+    images, labels, rows = data.load_split(data_dir, "train", image_size)
+    names = data.class_names(data.read_manifest(data_dir))
+    rng = np.random.default_rng(seed)
+    if max_examples and max_examples < len(rows):
+        keep = np.sort(rng.choice(len(rows), size=max_examples, replace=False))
+        images, labels, rows = images[keep], labels[keep], [rows[i] for i in keep]
+    member = np.zeros(len(rows), dtype=bool)
+    member[rng.permutation(len(rows))[:len(rows) // 2]] = True
+    return PrivateData(images, labels, list(rows), member, list(names), int(image_size), int(seed))
+
+
+def lira_root(run: Any) -> Path:
+    return _run_root(run) / "artifacts" / "lira"
+
+
+@dataclass
+class ShadowModels:
+    scores: np.ndarray   # [M, n, 2]
+    masks: np.ndarray    # [M, n]
+    folder: str          # relative to the run folder
+
+
+def shadow_models(run: Any, private: PrivateData, recipe: dict[str, Any], n_shadow: int, seed: int = 0,
+                  shard: str = "", device: str = "auto", log: Callable[[str], None] | None = print
+                  ) -> ShadowModels:
+    """Train (or resume) the ``n_shadow`` shadow classifiers on random halves of the private data
+    (each example in exactly half) and return all their phi scores. Folder
+    ``artifacts/lira/shadows_<content_hash>``: the hash covers the private split, the recipe,
+    ``n_shadow`` and the seed, so any change trains a new, separate set."""
+    cfg = {"private": private.key(), "recipe": recipe, "n_shadow": int(n_shadow), "seed": int(seed)}
+    out = lira_root(run) / f"shadows_{content_hash(cfg)}"
+    train_fn = classifier_trainer(private.images, private.labels, out, len(private.class_names), recipe,
+                                  seed=seed, device=device)
+    run_shadow_models(train_fn, _to_numpy(private.labels), out, n_models=n_shadow, seed=seed, shard=shard,
+                      config={"unit": content_hash(cfg)}, log=log)
+    scores, masks = load_shadow_scores(out)
+    return ShadowModels(scores, masks, _rel(run, out))
+
+
+def _run_root(run: Any) -> Path:
+    """The run folder of a ``RunDir`` or of a plain path."""
+    return Path(run) if isinstance(run, (str, os.PathLike)) else Path(run.root)
+
+
+def _rel(run: Any, path: Path) -> str:
+    return Record.rel(run, path)
+
+
+def real_target(run: Any, private: PrivateData, recipe: dict[str, Any], seed: int = 0,
+                device: str = "auto") -> np.ndarray:
+    """Sec. 4.5 target (a): a classifier trained on the members, queried on all private data."""
+    cfg = {"private": private.key(), "recipe": recipe, "seed": int(seed), "target": "real"}
+    x, y = private.subset(private.member)
+    return scored_target(lira_root(run) / f"target_real_{content_hash(cfg)}", content_hash(cfg), x, y,
+                         private.images, _to_numpy(private.labels), len(private.class_names), recipe,
+                         seed=seed + 10_000, device=device)
+
+
+@dataclass
+class SyntheticInfo:
+    """How Sec. 4.5 target (b) was made (or why it was not)."""
+
+    ran: bool
+    status: str
+    set_name: str = ""                       # the 03 set (Table 2 row) whose recipe was repeated
+    lora_variant: str = ""
+    n_synthetic: int = 0
+    finetune_config: dict[str, Any] = field(default_factory=dict)   # the member LoRA's resolved config
+    synthesis_settings: dict[str, Any] = field(default_factory=dict)
+    folder: str = ""                         # relative to the run folder
+
+
+@dataclass
+class SyntheticTarget:
+    scores: Any                              # phi [n, 2] on the private data, or None
+    info: SyntheticInfo
+
+
+def member_finetune_config(run: Any, variant: str, output_dir: str | os.PathLike):
+    """02's resolved fine-tuning configuration of ``variant``, from 02's record (never rebuilt from
+    parameters): only the output folder differs, the training data is the members (given to the
+    trainer, not part of the config)."""
+    from .finetune import FinetuneConfig, FinetuneRecord
+
+    rec = FinetuneRecord.load(run)
+    return FinetuneConfig.from_record(rec.config_of(variant), variant=variant, output_dir=str(output_dir))
+
+
+def _base_identity(base_model: str) -> str:
+    p = Path(base_model)
+    return tree_sha256(p) if p.is_dir() else str(base_model)
+
+
+def synthetic_target(run: Any, private: PrivateData, recipe: dict[str, Any], seed: int = 0,
+                     device: str = "auto", set_name: str = "", num_processes: int = 0) -> SyntheticTarget:
+    """Sec. 4.5 target (b): "We only employ LoRA to finetune the diffusion model on the member data,
+    then generate synthetic data of equal size. Subsequently, we train a ResNet50 on synthetic data."
+
+    The member LoRA is trained with 02's resolved configuration of the variant behind 03's default set
+    (``set_name`` overrides it), read from 02's record (:func:`member_finetune_config`); the synthetic set
+    is made with 03's settings of that set (its builder, via 03's record), the member LoRA in place of
+    02's and the members as the only sources (k = 1: one image per member; guidance features from the
+    members only). Then a classifier with ``recipe`` on that set, queried on all private data.
+    Everything lives in ``artifacts/lira/synthetic_<content_hash>`` (the hash covers the private split,
+    both configurations, the base model's content and the recipe); each stage resumes.
+    """
+    from . import finetune as ft
+    from . import synthesize as syn
+
+    plan = syn.SynthesisRecord.load(run)
+    row_set = plan.set_named(set_name) if set_name else plan.default()
+    variant = syn.lora_variant(row_set.row)
+    if not row_set.row.get("finetune"):
+        return SyntheticTarget(None, SyntheticInfo(False, f"not run: set {row_set.name} uses no LoRA "
+                                                          "(nothing to fine-tune on the members)"))
+    root = lira_root(run)
+    probe = member_finetune_config(run, variant, root / "probe")
+    settings = syn.member_settings(run, row_set.name, lora_dir="")   # 03's settings of that set
+    unit = {"private": private.key(), "finetune": probe.hashed_dict(), "base": _base_identity(probe.base_model),
+            "synthesis": {k: v for k, v in dataclasses.asdict(settings).items()
+                          if k not in ("base_model", "lora_dir", "lora_name")},
+            "recipe": recipe, "seed": int(seed)}
+    tag = content_hash(unit)
+    folder = root / f"synthetic_{tag}"
+    # 1. LoRA on the members, with 02's configuration
+    cfg = member_finetune_config(run, variant, folder / "lora")
+    ts = ft.load_train_set(ft.build_train_set(_run_root(run), private.image_size, device=device))
+    pos = {i: j for j, i in enumerate(ts.ids)}
+    members = [pos[i] for i, m in zip(private.ids, private.member) if m]
+    ts_m = ft.TrainSet(images=ts.images[members], prompts=[ts.prompts[j] for j in members],
+                       labels=ts.labels[members], image_embeds=ts.image_embeds[members],
+                       ids=[ts.ids[j] for j in members], class_names=ts.class_names)
+    ts_path = ft.save_train_set(folder / "members_train_set.safetensors", ts_m) \
+        if not (folder / "members_train_set.safetensors").exists() else folder / "members_train_set.safetensors"
+    ft.launch_training(cfg, ts_path, num_processes or None)
+    # 2. one synthetic image per member, with 03's settings of the set and the member LoRA
+    member_rows = [dict(r, split="train") for r, m in zip(private.rows, private.member) if m]
+    manifest = data.write_manifest(member_rows, folder / "members" / "manifest.csv")
+    settings = syn.member_settings(run, row_set.name, lora_dir=str(folder / "lora"))
+    set_dir = folder / "set"
+    syn.synthesize_members(run, set_dir, settings, manifest, ts_m, device=device)
+    srows = syn.read_synthetic_manifest(set_dir)
+    import torch
+
+    syn_images = data.load_images([{"id": r["file"], "path": str(set_dir / r["file"]), "index": i}
+                                   for i, r in enumerate(srows)], private.image_size)
+    syn_labels = torch.tensor([int(r["label"]) for r in srows])
+    # 3. the classifier on the synthetic set, queried on all private data
+    scores = scored_target(folder / "target", tag, syn_images, syn_labels, private.images,
+                           _to_numpy(private.labels), len(private.class_names), recipe,
+                           seed=seed + 20_000, device=device)
+    info = SyntheticInfo(True, f"ran: {len(srows)} synthetic images ({row_set.name} recipe) from a LoRA "
+                               f"({variant}) fine-tuned on {len(members)} members",
+                         set_name=row_set.name, lora_variant=variant, n_synthetic=len(srows),
+                         finetune_config=cfg.to_dict() | {"output_dir": _rel(run, Path(cfg.output_dir))},
+                         synthesis_settings=dataclasses.asdict(settings) | {"lora_dir": _rel(run, folder / "lora")},
+                         folder=_rel(run, folder))
+    return SyntheticTarget(scores, info)
+
+
+# --------------------------------------------------------------------------------------------------
+# The step's record (results/06_lira.json): read by 09 / report, never guessed
+# --------------------------------------------------------------------------------------------------
+def paper_fig3() -> dict[str, float]:
+    """Fig. 3's published TPRs at 0.1 % FPR as fractions ({"real": 1e-4, "synthetic": 1e-5}), from
+    ``resources/paper_numbers.yaml`` (the kit's one place for published numbers)."""
+    import yaml
+
+    path = Path(__file__).resolve().parent / "resources" / "paper_numbers.yaml"
+    cells = yaml.safe_load(path.read_text())["tables"]["fig3_lira"]["IN-10"]
+    return {k: float(v["value"]) / 100 for k, v in cells.items()}
+
+
+@dataclass
+class LiraRecord(Record):
+    """Results of 06 (Sec. 4.5, Fig. 3): every attack on every target, with ROC curves and
+    bootstrap intervals. TPR / FPR values are fractions."""
+
+    STEP: ClassVar[str] = "06_lira"
+
+    n_examples: int
+    n_members: int
+    n_nonmembers: int
+    n_shadow: int
+    recipe: str
+    epochs: int
+    n_bootstrap: int
+    attacks: list[Attack]
+    synthetic: SyntheticInfo
+    leave_one_out: Optional[Attack] = None
+    paper_tpr_at_0p1pct_fpr: dict[str, float] = field(default_factory=dict)   # Fig. 3 caption
+    shadow_folder: str = ""
+
+    def by_target(self, target: str) -> list[Attack]:
+        return [a for a in self.attacks if a.target == target]
+
+    def find(self, target: str, attack: str = "online") -> Attack | None:
+        return next((a for a in self.attacks if a.target == target and a.attack == attack), None)
+
+
+def build_record(private: PrivateData, shadows: ShadowModels, real_scores: np.ndarray,
+                 synthetic: SyntheticTarget, recipe: dict[str, Any], n_bootstrap: int = 1000,
+                 seed: int = 0, max_points: int = 500) -> LiraRecord:
+    """All attacks of Fig. 3 on both targets (+ Carlini et al.'s leave-one-out over the shadows) as a
+    :class:`LiraRecord`; intervals from a bootstrap over examples seeded with ``seed``."""
+    member = private.member
+    attacks = attack_target("real", shadows.scores, shadows.masks, real_scores, member, n_bootstrap, seed,
+                            max_points)
+    if synthetic.scores is not None:
+        attacks += attack_target("synthetic", shadows.scores, shadows.masks, synthetic.scores, member,
+                                 n_bootstrap, seed, max_points)
+    loo = None
+    if len(shadows.scores) >= 3:
+        loo = evaluate_attack("leave-one-out", "online_fixed",
+                              *leave_one_out(shadows.scores, shadows.masks, "online_fixed"),
+                              n_bootstrap=n_bootstrap, seed=seed, max_points=max_points)
+    return LiraRecord(n_examples=len(member), n_members=int(member.sum()), n_nonmembers=int((~member).sum()),
+                      n_shadow=int(len(shadows.scores)), recipe=str(recipe.get("name", "")),
+                      epochs=int(recipe.get("epochs", 0)), n_bootstrap=int(n_bootstrap), attacks=attacks,
+                      synthetic=synthetic.info, leave_one_out=loo, paper_tpr_at_0p1pct_fpr=paper_fig3(),
+                      shadow_folder=shadows.folder)
+
+
+def format_fig3_comparison(record: LiraRecord) -> str:
+    """Sec. 4.5's comparison: online-attack TPR at 0.1 % FPR, real- vs synthetic-trained, beside Fig. 3."""
+    lines = [f"{'':28s} {'this run':>10s} {'paper (IN-10)':>14s}"]
+    for t, title in (("real", "(a) trained on real members"), ("synthetic", "(b) trained on synthetic")):
+        a = record.find(t)
+        if a is not None:
+            lines.append(f"{title:28s} {100 * a.tpr_at_0p1pct_fpr:9.3f}% "
+                         f"{100 * record.paper_tpr_at_0p1pct_fpr.get(t, float('nan')):13.3f}%")
+    lines.append(f"(smallest resolvable FPR here: {100 / max(record.n_nonmembers, 1):.3f}%; "
+                 + ("TPR at 0.1% FPR is resolved)" if record.n_nonmembers >= 1000 else
+                    "with fewer than 1,000 non-members TPR at 0.1% FPR is the TPR at zero false positives)"))
+    return "\n".join(lines)

@@ -28,7 +28,8 @@ class RecordError(RuntimeError):
 
 
 def _root(run: Any) -> Path:
-    return Path(getattr(run, "root", run))
+    # a RunDir (its .root) or a plain path; a pathlib.Path's own .root is "/", never the run folder
+    return Path(run) if isinstance(run, (str, os.PathLike)) else Path(run.root)
 
 
 @dataclasses.dataclass

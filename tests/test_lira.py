@@ -167,6 +167,12 @@ def test_planted_members_overfitted_model_is_attacked(tmp_path):
     assert sorted(calls) == list(range(16))
     shadow, masks = lira.load_shadow_scores(tmp_path)
     assert shadow.shape == (16, 400, 2) and (masks.sum(0) == 8).all()
+    # a finished shadow model is sealed by rundir.mark_done: a replaced score file is not trusted
+    np.savez(lira.shadow_dir(tmp_path, 3) / lira.SCORES_FILE, scores=shadow[3] * 0, mask=masks[3])
+    with pytest.raises(FileNotFoundError, match=r"\[3\] of 16"):
+        lira.load_shadow_scores(tmp_path)
+    assert lira.run_shadow_models(counted, y, tmp_path, n_models=16, log=None) == [3]
+    np.testing.assert_allclose(lira.load_shadow_scores(tmp_path)[0], shadow)
 
     # the target: trained on a planted half the shadows never saw as a unit
     member = np.random.default_rng(99).uniform(size=400) < 0.5
@@ -219,10 +225,104 @@ def test_shadow_models_with_the_kits_classifier_trainer(tmp_path):
     assert lira.run_shadow_models(train, labels.numpy(), tmp_path / "scores", n_models=2, log=None) == [0, 1]
     scores, masks = lira.load_shadow_scores(tmp_path / "scores")
     assert scores.shape == (2, 40, 2) and np.isfinite(scores).all() and (masks.sum(0) == 1).all()
-    assert (tmp_path / "models" / "model_000" / "metrics.json").exists()
-    model = classify.load_classifier(tmp_path / "models" / "model_001")
+    assert (tmp_path / "models" / "shadow_000" / "model" / "metrics.json").exists()
+    model = classify.load_classifier(tmp_path / "models" / "shadow_001" / "model")
     logits = lira.query_logits(model, images)
     np.testing.assert_allclose(lira.logit_scaled_confidence(logits, labels.numpy()[:, None]), scores[1], rtol=1e-5)
     img, y = lira.TensorImages(images, labels)[3]
     assert img.size == (16, 16) and y == 3
     torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- intervals, curves, record
+def test_fast_metrics_equal_sklearn_and_bootstrap_intervals_cover():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    member = rng.uniform(size=3000) < 0.5
+    scores = rng.normal(size=3000) + 0.8 * member
+    scores[:50] = np.round(scores[:50])  # ties
+    m = lira.attack_metrics(scores, member)
+    assert lira.fast_auc(scores, member)[0] == pytest.approx(roc_auc_score(member, scores), abs=1e-12)
+    for f, key in ((0.001, "tpr_at_0.1pct_fpr"), (0.01, "tpr_at_1pct_fpr"), (0.1, "tpr_at_10pct_fpr")):
+        fast = lira.fast_tpr_at_fpr(scores[member], scores[~member], f)[0]
+        assert fast == pytest.approx(lira.tpr_at_fpr(m["fpr"], m["tpr"], f), abs=1e-12), f
+    ci = lira.bootstrap_intervals(scores, member, n_bootstrap=400, seed=1)
+    assert ci["auc"].lo < m["auc"] < ci["auc"].hi and ci["auc"].hi - ci["auc"].lo < 0.05
+    assert ci["tpr_at_1pct_fpr"].lo <= m["tpr_at_1pct_fpr"] <= ci["tpr_at_1pct_fpr"].hi
+    # the truth (equal-variance Gaussians, shift 0.8): inside the intervals
+    assert ci["auc"].lo < norm.cdf(0.8 / np.sqrt(2)) < ci["auc"].hi
+    assert lira.bootstrap_intervals(scores, member, 400, seed=1) == ci  # seeded
+    assert lira.bootstrap_intervals(scores, member, 400, seed=2) != ci
+
+
+def test_subsampled_roc_keeps_the_low_fpr_envelope():
+    rng = np.random.default_rng(3)
+    member = rng.uniform(size=20000) < 0.5
+    m = lira.attack_metrics(rng.normal(size=20000) + member, member)
+    assert len(m["fpr"]) > 2000
+    fpr, tpr = lira.subsample_roc(m["fpr"], m["tpr"], 500)
+    assert len(fpr) <= 502 and fpr[0] == 0 and fpr[-1] == tpr[-1] == 1
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+    for f in (1e-3, 1e-2, 0.1):  # TPR at a fixed FPR read off the stored curve: as on the full one
+        assert lira.tpr_at_fpr(fpr, tpr, f) == pytest.approx(lira.tpr_at_fpr(m["fpr"], m["tpr"], f), abs=0.01)
+    assert lira.subsample_roc([0, 0.5, 1], [0, 0.7, 1]) == ([0, 0.5, 1], [0, 0.7, 1])
+
+
+def _record(tmp_path, n=300):
+    shadow, masks, target, member = _gaussian_world(n, 8, 1.5, seed=8, q=2)
+    private = lira.PrivateData(images=None, labels=np.zeros(n, dtype=int), rows=[{"id": str(i)} for i in range(n)],
+                               member=member, class_names=["a"], image_size=8, seed=0)
+    shadows = lira.ShadowModels(shadow, masks, "artifacts/lira/shadows_x")
+    syn = lira.SyntheticTarget(target * 0.1, lira.SyntheticInfo(True, "ran", set_name="lora-dm-vg-lp",
+                                                                 lora_variant="lora-dm-vg", n_synthetic=n // 2))
+    return lira.build_record(private, shadows, target, syn, {"name": "miniature", "epochs": 3}, n_bootstrap=50)
+
+
+def test_record_round_trips_with_curves_and_draws_fig3(tmp_path):
+    rec = _record(tmp_path)
+    assert {a.target for a in rec.attacks} == {"real", "synthetic"}
+    assert {a.attack for a in rec.by_target("real")} == set(lira.ATTACKS) | {"global"}
+    assert rec.leave_one_out is not None and rec.leave_one_out.n_members == 8 * 300 // 2
+    assert rec.find("real").auc > rec.find("synthetic").auc  # scaled-down scores: a weaker attack
+    assert rec.paper_tpr_at_0p1pct_fpr == {"real": pytest.approx(1e-4), "synthetic": pytest.approx(1e-5)}
+    rec.save(tmp_path)
+    back = lira.LiraRecord.load(tmp_path)
+    assert back == rec
+    a = back.find("real", "online")
+    assert isinstance(a, lira.Attack) and isinstance(a.auc_interval, lira.Interval)
+    assert a.auc_interval.lo <= a.auc <= a.auc_interval.hi and len(a.fpr) == len(a.tpr) <= 502
+    fig = lira.plot_fig3(back)
+    assert len(fig.axes) == 2 and all(ax.get_xscale() == "log" for ax in fig.axes)
+    assert len(fig.axes[0].lines) == 1 + len(lira.ATTACKS)  # chance + the four LiRA attacks
+    assert "TPR@1%FPR" in lira.format_attacks(back.attacks) and "paper" in lira.format_fig3_comparison(back)
+
+
+def test_private_split_and_unit_tags(tmp_path):
+    """Folder tags are content hashes of what defines the unit: n_shadow changes the shadow folder."""
+    from realfake_utils import data as D
+
+    rows = [{"id": f"d{i}", "path": "", "index": i, "label": i % 10, "class_name": str(i % 10),
+             "split": "train" if i < 60 else "test"} for i in range(80)]
+    D.write_manifest(rows, tmp_path / "artifacts" / "data" / "manifest.csv")
+    p = lira.private_data(tmp_path, 8, max_examples=40, seed=0)
+    assert len(p.rows) == 40 and p.n_members == p.n_nonmembers == 20
+    assert p.images.shape == (40, 3, 8, 8)
+    q = lira.private_data(tmp_path, 8, max_examples=40, seed=0)
+    assert q.key() == p.key() and lira.private_data(tmp_path, 8, 40, seed=1).key() != p.key()
+    # the shadow folder is named by the content hash of the unit: another n_shadow is a new folder
+    # (not refused as "another configuration"), the same parameters reuse the finished models
+    import torch
+    from realfake_utils import classify
+
+    torch.set_num_threads(1)
+    recipe = classify.load_recipe("miniature", image_size=8, epochs=1, batch_size=20)
+    a = lira.shadow_models(tmp_path, p, recipe, n_shadow=2, device="cpu", log=None)
+    b = lira.shadow_models(tmp_path, p, recipe, n_shadow=4, device="cpu", log=None)
+    assert a.folder != b.folder and a.folder.startswith("artifacts/lira/shadows_")
+    assert a.scores.shape == (2, 40, 2) and b.scores.shape == (4, 40, 2)
+    again = lira.shadow_models(tmp_path, p, recipe, n_shadow=2, device="cpu", log=print)
+    np.testing.assert_array_equal(again.scores, a.scores)
+    real = lira.real_target(tmp_path, p, recipe, device="cpu")
+    assert real.shape == (40, 2) and np.isfinite(real).all()
+    assert len(list((tmp_path / "artifacts" / "lira").glob("target_real_*/DONE.json"))) == 1
