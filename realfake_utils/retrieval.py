@@ -1,33 +1,43 @@
 """Retrieval baseline of Geng et al. (2024), "The Unmet Promise of Synthetic Training Images".
 
-Instead of generating training images with a model pretrained on an upstream pool (LAION for Stable
-Diffusion; the miniature pool here), retrieve real images of the target classes from that same pool:
+Instead of generating training images with a model pretrained on an upstream pool (LAION-2B for Stable
+Diffusion; the miniature pool of ``01_prepare`` here), retrieve real images of the target classes from that
+same pool and adapt the same pretrained CLIP with either (``clip_adapt``), at equal numbers of images.
 
-(a) caption substring match of the class name (their "string matching" baseline);
-(b) CLIP k-NN: image-to-image against the class-mean image feature of the target train set, and
-    text-to-image against the text feature of ``a photo of a [classname]``.
+Retrieval (their Sec. 3.2): (a) ``caption``: substring match of the class name in the captions;
+(b) semantic k-NN of class-name x CLIP-template text embeddings over the pool's ``knn_image`` (image
+embeddings) and ``knn_caption`` (caption text embeddings) indices; the legacy strategies of the
+from-scratch comparison are ``clip_i2i`` (class-mean image feature) and ``clip_t2i`` (one text query).
+Then de-duplication (:func:`deduplicate`), the CLIP-score filter (:func:`clip_score_filter`: their score
+0.2 or a per-class percentile) and test near-duplicate removal with the copy descriptor of ``07_sscd``
+(:func:`dedup_against_test`; their ISC descriptor at 0.604). The data-size sweep (:func:`sweep_points`,
+:func:`run_sweep`) adapts CLIP on nested fractions of the retrieved maximum and on synthetic sets of the
+same sizes and beyond (their Fig. 2 grey regions); :class:`RetrievalRecord` holds it, :func:`claim` judges
+"retrieved real data match or beat synthetic data at every size" through ``realfake_utils.stats``.
 
-Retrieved images are de-duplicated against the target *test* split with the SSCD descriptor (so the
-baseline never trains on test images), and the budget per class equals the synthetic set's size.
-The result is written as an image set in the synthetic-set format (ImageFolder + manifest.jsonl), so
-the classifier trains on it with the same recipe and seeds.
+The older comparison (a from-scratch classifier on retrieved vs synthetic sets at one size) remains as a
+second, labelled table (:func:`write_image_set`, :func:`summarise_runs`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .rundir import atomic_path
+from . import stats
+from .records import Record
+from .rundir import atomic_path, confine
 
-STRATEGIES = ("caption", "clip_i2i", "clip_t2i")
+GENG_STRATEGIES = ("caption", "knn_image", "knn_caption")   # Geng et al. Sec. 3.2
+STRATEGIES = GENG_STRATEGIES + ("clip_i2i", "clip_t2i")      # + the from-scratch table's legacy k-NN
 
 
 def text_query(class_name: str) -> str:
@@ -91,11 +101,22 @@ def select_per_class(scores: torch.Tensor, budget: Sequence[int], allowed: torch
     return picks
 
 
+def template_scores(item_feats: torch.Tensor, template_feats: torch.Tensor) -> torch.Tensor:
+    """[C, N]: per class the best cosine over its templates between the C x T text embeddings
+    ``template_feats`` [C, T, D] (class name x CLIP template) and N index embeddings [N, D]."""
+    C, T, D = template_feats.shape
+    s = cosine_scores(item_feats, template_feats.reshape(C * T, D)).reshape(C, T, -1)
+    return s.max(dim=1).values
+
+
 def retrieve(strategy: str, budget: Sequence[int], *, captions: Sequence[str] | None = None,
              class_names: Sequence[str] | None = None, pool_feats: torch.Tensor | None = None,
              class_mean_feats: torch.Tensor | None = None, text_feats: torch.Tensor | None = None,
+             caption_feats: torch.Tensor | None = None, template_feats: torch.Tensor | None = None,
              exclude: torch.Tensor | None = None, seed: int = 0) -> list[list[int]]:
-    """Pool indices per class for one strategy (see module docstring)."""
+    """Pool indices per class for one strategy (see module docstring), best first, at most ``budget[c]``
+    each (a budget of the pool size = everything the strategy yields). ``knn_image`` / ``knn_caption``
+    rank the image / caption embeddings by :func:`template_scores` with ``template_feats`` [C, T, D]."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown retrieval strategy '{strategy}'; choose one of {STRATEGIES}")
     C = len(budget)
@@ -104,6 +125,13 @@ def retrieve(strategy: str, budget: Sequence[int], *, captions: Sequence[str] | 
             raise ValueError("caption retrieval needs the pool captions and the class names")
         allowed = caption_match(captions, class_names)
         scores = torch.zeros(allowed.shape)  # no ranking signal: seeded random order among matches
+    elif strategy in ("knn_image", "knn_caption"):
+        index = pool_feats if strategy == "knn_image" else caption_feats
+        if index is None or template_feats is None:
+            raise ValueError(f"{strategy} needs the {'image' if strategy == 'knn_image' else 'caption'} "
+                             "embeddings of the pool and the class-name x template text embeddings")
+        scores = template_scores(index, template_feats)
+        allowed = torch.ones(scores.shape, dtype=torch.bool)
     else:
         queries = class_mean_feats if strategy == "clip_i2i" else text_feats
         if pool_feats is None or queries is None:
@@ -116,6 +144,42 @@ def retrieve(strategy: str, budget: Sequence[int], *, captions: Sequence[str] | 
     if scores.shape[0] != C:
         raise ValueError(f"{C} budgets but {scores.shape[0]} classes")
     return select_per_class(scores, budget, allowed, seed)
+
+
+def deduplicate(picks: list[list[int]], feats: torch.Tensor, threshold: float = 0.98) -> list[list[int]]:
+    """Drop every retrieved image whose cosine to an image kept before it (any class, rank order, round
+    robin over classes) exceeds ``threshold``: the retrieved set holds no (near-)duplicate pair."""
+    f = F.normalize(feats.float(), dim=-1)
+    kept: list[list[int]] = [[] for _ in picks]
+    kept_feats: list[torch.Tensor] = []
+    for r in range(max((len(p) for p in picks), default=0)):
+        for c, p in enumerate(picks):
+            if r < len(p):
+                v = f[p[r]]
+                if kept_feats and float((torch.stack(kept_feats) @ v).max()) > threshold:
+                    continue
+                kept[c].append(p[r])
+                kept_feats.append(v)
+    return kept
+
+
+def clip_score_filter(picks: list[list[int]], image_feats: torch.Tensor, class_text_feats: torch.Tensor,
+                      threshold: float | None = None, percentile: float | None = None) -> list[list[int]]:
+    """Geng et al.'s CLIP-score filter: keep a retrieved image of class c when the cosine of its image
+    embedding with class c's text embedding is at least ``threshold`` (their ViT-B/16 value 0.2), or,
+    with ``percentile`` p, when it is not among the lowest p % of class c's retrieved images. Order kept."""
+    if threshold is None and percentile is None:
+        return [list(p) for p in picks]
+    sims = cosine_scores(image_feats, class_text_feats)  # [C, N]
+    out = []
+    for c, p in enumerate(picks):
+        if not p:
+            out.append([])
+            continue
+        s = sims[c, torch.tensor(p)]
+        cut = float(threshold) if threshold is not None else float(np.percentile(s.numpy(), percentile))
+        out.append([i for i, v in zip(p, s.tolist()) if v >= cut])
+    return out
 
 
 def label_precision(picks: list[list[int]], true_labels: Sequence[int]) -> float:
@@ -184,8 +248,10 @@ def budget_from_set(rows: Sequence[dict], num_classes: int) -> list[int]:
 POOL_CAPTION_FILES = ("captions.jsonl", "captions.csv")
 
 
-def read_pool_index(folder: str | Path, class_names: Sequence[str] | None = None) -> list[dict]:
-    """Rows ``{id, path, caption, label}`` of a LAION-style image-text index in ``folder``.
+def read_pool_index(folder: str | Path, class_names: Sequence[str] | None = None,
+                    check_images: bool = True) -> tuple[list[dict], list[dict]]:
+    """Rows ``{id, path, caption, label}`` of a LAION-style image-text index in ``folder``, and the
+    excluded rows ``{id, path, reason}`` (unreadable images, as ``01_prepare`` excludes them).
 
     Accepted layouts, first match wins:
 
@@ -195,8 +261,13 @@ def read_pool_index(folder: str | Path, class_names: Sequence[str] | None = None
     - ``captions.csv``: the same fields as columns (header ``file,caption[,label|class_name][,id]``);
     - img2dataset's ``files`` output: ``<shard>/<key>.jpg`` (or .png / .webp) with the caption in
       ``<shard>/<key>.txt`` beside it.
+
+    Every ``file`` must stay inside ``folder`` (``rundir.confine``: absolute paths and ``..`` escapes
+    are an :class:`~realfake_utils.rundir.UnsafePathError`).
     """
     import csv
+
+    from .data import _check_image
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -207,7 +278,10 @@ def read_pool_index(folder: str | Path, class_names: Sequence[str] | None = None
     if (folder / "captions.jsonl").exists():
         for n, line in enumerate((folder / "captions.jsonl").read_text().splitlines()):
             if line.strip():
-                raw.append(json.loads(line))
+                try:
+                    raw.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{folder / 'captions.jsonl'} line {n + 1} is not JSON ({err})") from None
     elif (folder / "captions.csv").exists():
         with open(folder / "captions.csv", newline="", encoding="utf-8") as f:
             raw = list(csv.DictReader(f))
@@ -218,15 +292,24 @@ def read_pool_index(folder: str | Path, class_names: Sequence[str] | None = None
                         "caption": txt.read_text().strip() if txt.exists() else ""})
     if not raw:
         raise ValueError(f"pool_index {folder}: no images found")
-    rows = []
+    rows, excluded = [], []
     for r in raw:
-        if "file" not in r or "caption" not in r:
+        if not isinstance(r, dict) or "file" not in r or "caption" not in r:
             raise ValueError(f"pool_index {folder}: every row needs 'file' and 'caption', got {r}")
+        path = confine(folder, str(r["file"]), what=f"pool_index {folder}: file")
         label = r.get("label", "")
         label = int(label) if str(label).strip() not in ("", "None") else names.get(r.get("class_name", ""), -1)
-        rows.append({"id": str(r.get("id") or f"pool/{r['file']}"), "path": str(folder / r["file"]),
-                     "index": -1, "caption": str(r["caption"] or ""), "label": int(label)})
-    return rows
+        row = {"id": str(r.get("id") or f"pool/{r['file']}"), "path": str(path), "index": -1,
+               "caption": str(r["caption"] or ""), "label": int(label)}
+        reason = (_check_image(str(path)) if path.is_file() else "missing file") if check_images else ""
+        if reason:
+            excluded.append({"id": row["id"], "path": row["path"], "reason": reason})
+        else:
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"pool_index {folder}: none of its {len(raw)} images is readable "
+                         f"(first: {excluded[0]['path']}: {excluded[0]['reason']})")
+    return rows, excluded
 
 
 def miniature_pool_config(clip_dir: str | Path, fallback: dict | None = None) -> dict:
@@ -330,21 +413,21 @@ def stale_runs(out_root: str | Path, specs: Sequence, recipe: dict) -> list[Path
 
 
 def claims(lines: dict[str, dict]) -> dict:
-    """The two papers' claims on one run. ``lines`` maps ``real`` / ``synthetic`` / ``retrieved-<s>`` to
-    ``{"mean", "std"}`` (top-1 %). Real-Fake: synthetic-only accuracy comes close to real data (gap
-    ``real - synthetic``); Geng et al.: retrieved real images beat synthetic ones at equal size (best
-    strategy's margin over synthetic, and whether it exceeds one pooled standard deviation)."""
+    """The two papers' claims on the from-scratch table. ``lines`` maps ``real`` / ``synthetic`` /
+    ``retrieved-<s>`` to :func:`summarise_runs` entries (``mean``, ``per_seed`` top-1 %). Real-Fake:
+    synthetic-only comes close to real (gap ``real - synthetic``); Geng et al.: the best retrieval
+    strategy against synthetic at equal size, by ``stats.compare`` (paired when the seeds agree) and
+    ``stats.verdict`` (the same computation as REPORT.md)."""
     out: dict = {}
     if "real" in lines and "synthetic" in lines:
         out["realfake_gap_real_minus_synthetic"] = lines["real"]["mean"] - lines["synthetic"]["mean"]
     retr = {k: v for k, v in lines.items() if k.startswith("retrieved-")}
     if retr and "synthetic" in lines:
         best = max(retr, key=lambda k: retr[k]["mean"])
-        margin = retr[best]["mean"] - lines["synthetic"]["mean"]
-        spread = float(np.sqrt((retr[best]["std"] ** 2 + lines["synthetic"]["std"] ** 2) / 2))
-        out.update({"best_retrieval": best, "geng_margin_retrieved_minus_synthetic": margin,
-                    "pooled_std": spread, "retrieval_beats_synthetic": bool(margin > 0),
-                    "retrieval_beats_synthetic_beyond_std": bool(margin > spread),
+        a, b = lines["synthetic"]["per_seed"], retr[best]["per_seed"]
+        cmp = stats.compare([a[s] for s in sorted(a)], [b[s] for s in sorted(b)], paired_seeds=sorted(a) == sorted(b))
+        out.update({"best_retrieval": best, "geng_margin_retrieved_minus_synthetic": cmp.diff,
+                    "comparison": cmp.as_dict(), "verdict": stats.verdict(cmp, "greater"),
                     "every_strategy_beats_synthetic": all(v["mean"] > lines["synthetic"]["mean"]
                                                           for v in retr.values())})
     return out
@@ -352,8 +435,8 @@ def claims(lines: dict[str, dict]) -> dict:
 
 def summarise_runs(records: Sequence[dict], synthetic_label: str, recipe: str = "") -> dict[str, dict]:
     """Classifier runs grouped as ``real`` / ``synthetic`` / ``retrieved-<strategy>``: label, n_train,
-    mean and std (ddof 1) of top-1 in % over seeds, per-seed values, and whether every run used
-    ``recipe`` (read from the run's ``config.json``). The input of :func:`claims`."""
+    ``stats.seed_stats`` of top-1 in % over seeds (mean, std, 95 % interval), per-seed values, and
+    whether every run used ``recipe`` (read from the run's ``config.json``). The input of :func:`claims`."""
     def group_of(r: dict) -> str:
         if r["row"] == "real" or r["row"].startswith("retrieved-"):
             return r["row"]
@@ -368,11 +451,389 @@ def summarise_runs(records: Sequence[dict], synthetic_label: str, recipe: str = 
         groups.setdefault(group_of(r), []).append(r)
     out = {}
     for g, rs in groups.items():
-        acc = np.array([100 * r["top1"] for r in rs])
+        est = stats.seed_stats([100 * r["top1"] for r in rs])
         label = {"real": "real (full train split)", "synthetic": synthetic_label}.get(g) \
             or strategy_label(g[len("retrieved-"):])
-        out[g] = {"label": label, "n_train": rs[0]["n_train"], "mean": float(acc.mean()),
-                  "std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
-                  "per_seed": {int(r["seed"]): 100 * r["top1"] for r in rs},
+        out[g] = {"label": label, "n_train": rs[0]["n_train"], "mean": est.mean, "std": est.std,
+                  "lo": est.lo, "hi": est.hi, "per_seed": {int(r["seed"]): 100 * r["top1"] for r in rs},
                   "same_recipe": all(map(same_recipe, rs))}
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Geng et al.'s experiment: the pool, test de-duplication, the data-size sweep of CLIP adaptation
+# --------------------------------------------------------------------------------------------------
+POOL_INDEX_DIR = "data/pool"   # artifacts/data/pool/captions.jsonl: 01's pool as an index, when it writes one
+
+
+@dataclass
+class Pool:
+    """The generator's upstream data: images (uint8 ``[N,3,H,W]``), captions, true labels (-1 unknown)."""
+
+    ids: list[str]
+    images: torch.Tensor
+    captions: list[str]
+    labels: list[int]
+    source: dict[str, Any]
+    excluded: list[dict] = field(default_factory=list)
+
+
+def load_pool(art: str | Path, class_names: Sequence[str], image_size: int, pool_index: str = "",
+              clip_dir: str | Path = "", fallback: dict | None = None) -> Pool:
+    """The pool 08 retrieves from, read, not rebuilt: ``pool_index`` (a LAION-style folder) if given; else
+    01's pool index ``artifacts/data/pool/`` when 01 wrote one; else the manifest's ``pool`` rows with
+    their ``caption`` column; else (01 stores neither) the same deterministic shift and captions 01
+    applied, recomputed by 01's own function ``miniature.make_pool`` with the settings recorded beside
+    the miniature CLIP (``<clip>.params.json``). Unreadable images are excluded and listed."""
+    from . import data
+    from . import miniature as mini
+
+    art = Path(art)
+    idx = Path(pool_index) if pool_index else art / POOL_INDEX_DIR
+    if pool_index or (idx / "captions.jsonl").exists():
+        rows, excluded = read_pool_index(idx, class_names)
+        return Pool([r["id"] for r in rows], data.load_images(rows, image_size), [r["caption"] for r in rows],
+                    [r["label"] for r in rows], {"kind": "index", "path": str(pool_index or POOL_INDEX_DIR)},
+                    excluded)
+    rows = data.read_manifest(art / "data" / "manifest.csv", "pool")
+    if not rows:
+        raise ValueError("this run has no miniature pool (split_fractions['pool'] = 0 or a real base model): "
+                         "set pool_index to a folder of images + captions.jsonl")
+    if all(str(r.get("caption", "")).strip() for r in rows):
+        return Pool([r["id"] for r in rows], data.load_images(rows, image_size), [r["caption"] for r in rows],
+                    [int(r["label"]) for r in rows], {"kind": "manifest"})
+    pc = miniature_pool_config(clip_dir or art / "miniature" / "clip", fallback)
+    if pc["pool_fingerprint"] and pc["pool_fingerprint"] != mini.pool_fingerprint(rows):
+        raise ValueError("the miniature CLIP was trained on another pool than this manifest's: rerun 01_prepare")
+    cfg = mini.MiniatureConfig(image_size=pc["image_size"], seed=pc["seed"], pool_shift=pc["pool_shift"],
+                               **{k: pc[k] for k in ("caption_wrong_rate", "caption_missing_rate",
+                                                     "caption_noise_rate", "caption_style_rate")})
+    pool = mini.make_pool(rows, data.load_images(rows, pc["image_size"]), class_names, cfg)
+    images = pool["images"]
+    if images.shape[-1] != image_size:
+        images = data_resize(images, image_size)
+    return Pool(pool["ids"], images, [c["caption"] for c in pool["captions"]], list(pool["labels"]),
+                {"kind": "miniature", "config_from": Path(pc["source"]).name,
+                 "caption_kinds": mini.caption_stats(pool["captions"])})
+
+
+def data_resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 images resized (bilinear, antialiased) to ``size`` x ``size``."""
+    x = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+@torch.no_grad()
+def template_text_features(clip_model: str | Path, class_names: Sequence[str], templates: Sequence[str]
+                           ) -> torch.Tensor:
+    """[C, T, D] text embeddings of every class name in every template (the k-NN queries)."""
+    prompts = [t.format(c) for c in class_names for t in templates]
+    return clip_text_features(clip_model, prompts).reshape(len(class_names), len(templates), -1)
+
+
+def dedup_against_test(descriptor, pool_images: torch.Tensor, test_images: torch.Tensor, threshold: float,
+                       size: int, mode: str = "square", device: str = "cpu", n_planted: int = 20
+                       ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Pool images that are copies of a target **test** image under the copy descriptor of 07 (cosine of
+    descriptors above ``threshold``; Geng et al.: their ISC descriptor at 0.604), so nothing retrieved is
+    a test image. Also measured: SSCD-style near copies (exact, crop, jitter, JPEG) of ``n_planted``
+    test images must be flagged (``planted_caught``). Returns (mask [N_pool], info)."""
+    from . import sscd
+
+    def embed(x: torch.Tensor) -> torch.Tensor:
+        return sscd.compute_descriptors(descriptor, x, size=size, mode=mode, device=device)
+
+    test_desc = embed(test_images)
+    mask = duplicate_mask(embed(pool_images), test_desc, threshold)
+    n = min(n_planted, len(test_images))
+    near = [img for i in range(n) for img in sscd.near_copies(test_images[i]).values()]
+    caught = duplicate_mask(embed(torch.stack(near)), test_desc, threshold) if near else torch.zeros(0, dtype=torch.bool)
+    return mask, {"threshold": float(threshold), "pool_flagged": int(mask.sum()), "n_pool": int(len(mask)),
+                  "planted_caught": int(caught.sum()), "planted": len(near),
+                  "planted_recall": float(caught.float().mean()) if len(near) else float("nan")}
+
+
+def proportional_subset(per_class: Sequence[Sequence[int]], total: int, seed: int) -> list[list[int]]:
+    """``total`` items drawn per class in proportion to what each class holds (largest remainder),
+    uniformly at random within a class (seeded): a sweep point of ``total`` images."""
+    avail = np.array([len(p) for p in per_class], dtype=float)
+    if total > avail.sum():
+        raise ValueError(f"a subset of {total} from {int(avail.sum())} items")
+    quota = np.floor(avail / max(avail.sum(), 1) * total).astype(int)
+    rest = avail / max(avail.sum(), 1) * total - quota
+    for c in np.argsort(-rest, kind="stable")[: total - int(quota.sum())]:
+        quota[c] += 1
+    rng = np.random.default_rng(seed)
+    return [sorted(rng.choice(list(p), size=int(q), replace=False).tolist()) if q else []
+            for p, q in zip(per_class, quota)]
+
+
+def sweep_points(retrieved_max: int, fractions: Sequence[float], synthetic_multipliers: Sequence[float]
+                 ) -> dict[str, list[int]]:
+    """Sizes of the sweep: ``fractions`` of the retrieved maximum for both sources, and the
+    ``synthetic_multipliers`` (> 1) of it for synthetic data only (their Fig. 2 grey regions)."""
+    base = sorted({max(1, int(round(f * retrieved_max))) for f in fractions if 0 < f <= 1})
+    beyond = sorted({int(round(m * retrieved_max)) for m in synthetic_multipliers if m > 1})
+    return {"retrieved": base, "synthetic": base + [b for b in beyond if b not in base]}
+
+
+@dataclass
+class AdaptSource:
+    """Images one sweep line adapts on: per-class index lists into ``images`` and a content fingerprint."""
+
+    name: str
+    label: str
+    images: torch.Tensor
+    per_class: list[list[int]]
+    fingerprint: str
+
+
+@dataclass
+class SweepPoint:
+    source: str
+    size: int
+    seed: int
+    zero_shot: float
+    linear_probe: float
+
+
+def run_sweep(out_root: str | Path, model, head: torch.Tensor, sources: Sequence[AdaptSource],
+              sizes: dict[str, Sequence[int]], seeds: Sequence[int], probe_train: tuple, test: tuple,
+              config, log=print) -> list[SweepPoint]:
+    """Adapt CLIP (``clip_adapt.adapt_unit``, each model a finished unit under
+    ``out_root/<source>__n<size>__s<seed>``, reused on resume) for every source, size and seed."""
+    from . import clip_adapt
+
+    points = []
+    for src in sources:
+        for size in sizes.get(src.name, []):
+            for seed in seeds:
+                pick = proportional_subset(src.per_class, size, seed)
+                idx = [i for p in pick for i in p]
+                labels = [c for c, p in enumerate(pick) for _ in p]
+                m = clip_adapt.adapt_unit(Path(out_root) / f"{src.name}__n{size}__s{seed}", model, head,
+                                          src.images[idx], labels, probe_train, test, config, seed,
+                                          {"source": src.fingerprint, "picks": pick})
+                points.append(SweepPoint(src.name, int(size), int(seed), float(m["zero_shot"]),
+                                         float(m["linear_probe"])))
+            done = [p for p in points if p.source == src.name and p.size == size]
+            if log and done:
+                log(f"{src.name:>10} n={size:>5}: ZS {np.mean([p.zero_shot for p in done]):5.1f}  "
+                    f"LP {np.mean([p.linear_probe for p in done]):5.1f}  ({len(done)} seeds)")
+    return points
+
+
+@dataclass
+class StrategyStats:
+    n_images: int
+    per_class: list[int]
+    label_precision: Optional[float]
+    test_duplicates_removed: int
+    removed_by_dedup: int
+    removed_by_clip_score: int
+
+
+@dataclass
+class RetrievalRecord(Record):
+    """Results of ``08_retrieval_baseline`` (Geng et al.'s Fig. 2 in miniature, and the from-scratch table)."""
+
+    STEP: ClassVar[str] = "08_retrieval_baseline"
+    strategies: dict[str, StrategyStats]
+    sweep_strategy: str
+    retrieved_max: int
+    sizes: dict[str, list[int]]
+    seeds: list[int]
+    off_the_shelf: dict[str, float]
+    sweep: list[SweepPoint]
+    source_labels: dict[str, str]
+    synthetic_sets: dict[str, str]
+    dedup: dict[str, Any]
+    pool: dict[str, Any]
+    adapt_config: dict[str, Any]
+    templates: list[str]
+    scratch_table: list[dict[str, Any]] = field(default_factory=list)
+    scratch_label: str = ("second table: from-scratch classifier (04's recipe) on retrieved vs synthetic "
+                          "images at one size (the kit's earlier comparison, not Geng et al.'s protocol)")
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+METRICS = ("zero_shot", "linear_probe")
+
+
+def per_seed(record: RetrievalRecord, source: str, size: int, metric: str) -> dict[int, float]:
+    return {p.seed: getattr(p, metric) for p in record.sweep if p.source == source and p.size == size}
+
+
+def claim(record: RetrievalRecord, synthetic: str = "synthetic", retrieved: str = "retrieved") -> dict[str, Any]:
+    """Claim 6 (Geng et al.): "synthetic data is matched or beaten by retrieved real data at every size".
+
+    Per size both sources share, for zero-shot and linear-probe top-1: ``stats.compare`` of retrieved
+    minus synthetic (paired when both ran the same seeds) and ``stats.verdict(..., "greater")`` (holds:
+    retrieved better; contradicted: synthetic better; inconclusive: no resolvable difference, which the
+    claim allows). Across sizes: a paired test of the per-size means. Beyond the retrieved maximum:
+    synthetic at each larger size against retrieved at the maximum. Overall: ``contradicted`` if
+    synthetic is significantly better anywhere, ``holds`` if the across-size test favours retrieved in
+    a metric and nothing contradicts it, else ``inconclusive``."""
+    sizes = sorted(set(record.sizes.get(synthetic, [])) & set(record.sizes.get(retrieved, [])))
+    out: dict[str, Any] = {"per_size": [], "across_sizes": {}, "beyond_max": [], "verdict": "inconclusive"}
+    contradicted, holds = False, False
+    for metric in METRICS:
+        means_a, means_b = [], []
+        for n in sizes:
+            a, b = per_seed(record, synthetic, n, metric), per_seed(record, retrieved, n, metric)
+            if not a or not b:
+                continue
+            same = sorted(a) == sorted(b)
+            cmp = stats.compare([a[s] for s in sorted(a)], [b[s] for s in sorted(b)], paired_seeds=same)
+            v = stats.verdict(cmp, "greater")
+            contradicted |= v == "contradicted"
+            out["per_size"].append({"metric": metric, "size": n, "synthetic": stats.seed_stats(list(a.values())).as_dict(),
+                                    "retrieved": stats.seed_stats(list(b.values())).as_dict(),
+                                    "comparison": cmp.as_dict(), "verdict": v})
+            means_a.append(float(np.mean(list(a.values()))))
+            means_b.append(float(np.mean(list(b.values()))))
+        if len(means_a) >= 2:
+            cmp = stats.paired(means_a, means_b)
+            v = stats.verdict(cmp, "greater")
+            contradicted |= v == "contradicted"
+            holds |= v == "holds"
+            out["across_sizes"][metric] = {"comparison": cmp.as_dict(), "verdict": v, "sizes": sizes}
+        top = max(sizes) if sizes else None
+        b = per_seed(record, retrieved, top, metric) if top else {}
+        for n in sorted(n for n in record.sizes.get(synthetic, []) if top and n > top):
+            a = per_seed(record, synthetic, n, metric)
+            if a and b:
+                cmp = stats.compare([a[s] for s in sorted(a)], [b[s] for s in sorted(b)],
+                                    paired_seeds=sorted(a) == sorted(b))
+                v = stats.verdict(cmp, "greater")
+                contradicted |= v == "contradicted"
+                out["beyond_max"].append({"metric": metric, "synthetic_size": n, "retrieved_size": top,
+                                          "comparison": cmp.as_dict(), "verdict": v})
+    out["verdict"] = "contradicted" if contradicted else "holds" if holds else "inconclusive"
+    return out
+
+
+def claim_lines(c: dict[str, Any]) -> list[str]:
+    """One line per comparison of :func:`claim` (the notebook's summary and REPORT.md's details)."""
+    lines = []
+    for r in c["per_size"]:
+        cm = r["comparison"]
+        lines.append(f"{r['metric']:<12} n={r['size']:>5}: retrieved {r['retrieved']['mean']:5.1f} vs synthetic "
+                     f"{r['synthetic']['mean']:5.1f}: diff {cm['diff']:+.1f} [{cm['lo']:+.1f}, {cm['hi']:+.1f}] -> {r['verdict']}")
+    for m, r in c["across_sizes"].items():
+        cm = r["comparison"]
+        lines.append(f"{m:<12} across sizes: diff {cm['diff']:+.1f} [{cm['lo']:+.1f}, {cm['hi']:+.1f}] -> {r['verdict']}")
+    for r in c["beyond_max"]:
+        cm = r["comparison"]
+        lines.append(f"{r['metric']:<12} synthetic n={r['synthetic_size']} vs retrieved n={r['retrieved_size']}: "
+                     f"diff {cm['diff']:+.1f} [{cm['lo']:+.1f}, {cm['hi']:+.1f}] -> {r['verdict']}")
+    lines.append(f"overall: {c['verdict']}")
+    return lines
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures of Geng et al. (reused by 09)
+# --------------------------------------------------------------------------------------------------
+SOURCE_STYLE = {"retrieved": ("C0", "o"), "synthetic": ("C1", "^"), "realfake": ("C2", "s")}
+
+
+def plot_sweep(record: RetrievalRecord):
+    """Their Fig. 2 analog: ZS and LP top-1 vs number of adaptation images, mean +- 1 std over seeds per
+    source, the off-the-shelf CLIP dashed, the region beyond the retrieved maximum grey."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, metric, title in zip(axes, METRICS, ("zero-shot (ZS)", "linear probe (LP)")):
+        for src in dict.fromkeys(p.source for p in record.sweep):
+            ns = sorted({p.size for p in record.sweep if p.source == src})
+            vals = [list(per_seed(record, src, n, metric).values()) for n in ns]
+            m = np.array([np.mean(v) for v in vals])
+            sd = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in vals])
+            color, marker = SOURCE_STYLE.get(src, ("C3", "d"))
+            ax.errorbar(ns, m, yerr=sd, color=color, marker=marker, capsize=3, lw=1.2,
+                        label=record.source_labels.get(src, src))
+        ax.axhline(record.off_the_shelf[metric], color="purple", ls="--", lw=1, label="off-the-shelf CLIP")
+        if record.retrieved_max:
+            ax.axvspan(record.retrieved_max, ax.get_xlim()[1], color="0.9", zorder=0)
+        ax.set_xscale("log")
+        ax.set_xlabel("adaptation images")
+        ax.set_ylabel(f"{title} top-1 on the target test split (%)")
+        ax.set_title(title, fontsize=9)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Geng et al. Fig. 2 in miniature: retrieved real vs synthetic images (mean +- 1 std over "
+                 f"{len(record.seeds)} seeds; grey: beyond the retrieved maximum)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_examples(target: torch.Tensor, retrieved: torch.Tensor, synthetic: torch.Tensor,
+                  class_names: Sequence[str], per_class: int = 4, size: float = 0.7):
+    """Their Fig. 3 analog: per class one target image (ground truth), ``per_class`` retrieved and
+    ``per_class`` synthetic images. Each input is ``[C, >= k, 3, H, W]``-like: a list per class."""
+    import matplotlib.pyplot as plt
+
+    C = len(class_names)
+    ncol = 1 + 2 * per_class + 2
+    fig, axes = plt.subplots(C, ncol, figsize=(size * ncol, size * C + 0.5), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for c in range(C):
+        blocks = [(0, target[c][:1]), (2, retrieved[c][:per_class]), (3 + per_class, synthetic[c][:per_class])]
+        for start, imgs in blocks:
+            for j, img in enumerate(imgs):
+                axes[c, start + j].imshow(img.permute(1, 2, 0).numpy(), interpolation="nearest")
+        axes[c, 0].text(-0.1, 0.5, str(class_names[c]), ha="right", va="center", fontsize=7,
+                        transform=axes[c, 0].transAxes)
+    axes[0, 0].set_title("target", fontsize=7)
+    axes[0, 2].set_title("retrieved (real, upstream pool)", fontsize=7, loc="left")
+    axes[0, 3 + per_class].set_title("synthetic (base model)", fontsize=7, loc="left")
+    fig.subplots_adjust(left=0.1, right=0.99, top=0.9, bottom=0.02, wspace=0.05, hspace=0.05)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------
+# The synthetic side: the vanilla base model, txt2img, pool-style caption prompts (Geng et al.'s setting)
+# --------------------------------------------------------------------------------------------------
+def pool_style_captions(rows: Sequence[dict], class_names: Sequence[str], seed: int,
+                        noise_rate: float = 0.5) -> dict[str, str]:
+    """id -> a web-style caption naming the row's own class (the pool's caption templates and noise
+    words, ``miniature.web_captions`` with no wrong / missing class word): the prompts of the base model,
+    as Geng et al. prompt SD with LAION-style captions of the class."""
+    from . import miniature as mini
+
+    caps = mini.web_captions([f"geng/{r['id']}" for r in rows], [int(r["label"]) for r in rows], class_names,
+                             seed, wrong_rate=0.0, missing_rate=0.0, noise_rate=noise_rate, style_rate=0.0)
+    return {str(r["id"]): c["caption"] for r, c in zip(rows, caps)}
+
+
+def synthesize_base_t2i(set_dir: str | Path, base_model: str | Path, manifest: str | Path,
+                        class_names: Sequence[str], per_class_needed: int, seed: int = 0,
+                        num_inference_steps: int = 30, guidance_scale: float = 2.0, image_size: int = 16,
+                        batch_size: int = 64, device: str = "auto") -> list[list[int]]:
+    """Generate (resumably, through ``synthesize.synthesize``) at least ``per_class_needed`` images per
+    class with the vanilla base model (row ``base-novg-t2i``: no LoRA, no guidance token, txt2img,
+    CFG ``guidance_scale`` 2.0 as Geng et al.), prompts ``photo of <class>, <pool-style caption>``.
+    Returns per-class index lists into ``synthesize.synthetic_rows(set_dir)``."""
+    import math
+
+    from . import data
+    from . import synthesize as syn
+
+    set_dir = Path(set_dir)
+    train = data.read_manifest(manifest, "train")
+    counts = [sum(int(r["label"]) == c for r in train) for c in range(len(class_names))]
+    per_class = min(counts)
+    if per_class == 0:
+        raise ValueError("a class has no train image: the synthetic set has no source for it")
+    k = max(1, math.ceil(per_class_needed / per_class))
+    cap_path = set_dir / "pool_style_captions.json"
+    set_dir.mkdir(parents=True, exist_ok=True)
+    if not cap_path.exists():
+        from .rundir import write_json
+        write_json(cap_path, pool_style_captions(train, class_names, seed))
+    st = syn.row_settings(syn.TABLE2_ROWS[0], str(base_model), num_inference_steps=num_inference_steps,
+                          guidance_scale=guidance_scale, image_size=image_size, seed=seed, use_captions=True)
+    syn.synthesize(set_dir, st, k, source_manifest=manifest, captions=cap_path, batch_size=batch_size,
+                   per_class=per_class, device=device, progress=False)
+    rows = syn.synthetic_rows(set_dir)
+    return [[i for i, r in enumerate(rows) if r["label"] == c] for c in range(len(class_names))]

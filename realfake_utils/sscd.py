@@ -18,16 +18,20 @@ as used in Real-Fake Fig. 4: for every synthetic image, the most similar real tr
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .records import Record
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -351,8 +355,12 @@ def train_miniature_descriptor(images: torch.Tensor, out_path: str | os.PathLike
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         scripted = torch.jit.script(model)
+    # saved through memory: a TorchScript archive written to a path records the file's name (the temp
+    # name here), so identical runs would get different SHA-256s; from a buffer the bytes are identical
+    buf = io.BytesIO()
+    torch.jit.save(scripted, buf)
     with atomic_path(out_path) as tmp:
-        scripted.save(str(tmp))
+        tmp.write_bytes(buf.getvalue())
     sha = sha256_file(out_path)
     write_json(meta_path, {"config": cfg, "sha256": sha, "final_loss": float(np.mean(losses[-10:]))
                            if losses else None})
@@ -399,9 +407,119 @@ def near_copies(img: torch.Tensor, crop: float = 0.9, jitter: float = 1.15, satu
     return {"exact": img.clone(), "crop": to8(cropped), "jitter": to8(jit), "jpeg": jpeg(img, quality)}
 
 
+# --------------------------------------------------------------------------------------------------
+# Calibration on planted copies, and the step's record
+# --------------------------------------------------------------------------------------------------
+CALIBRATION_KINDS = ("crop", "jitter", "jpeg")   # the transformed copies; exact copies are trivially 1.0
+
+
+def planted_copies(images: torch.Tensor, n_sources: int, seed: int = 0,
+                   kinds: Sequence[str] = CALIBRATION_KINDS) -> tuple[torch.Tensor, list[int], list[str]]:
+    """Near copies (:func:`near_copies` of ``kinds``) of ``n_sources`` random reference images:
+    (images, source index of each, kind of each)."""
+    rng = np.random.default_rng(seed)
+    sources = rng.choice(len(images), size=min(n_sources, len(images)), replace=False).tolist()
+    out, src, kind = [], [], []
+    for s in sources:
+        for k, img in near_copies(images[s]).items():
+            if k in kinds:
+                out.append(img)
+                src.append(int(s))
+                kind.append(k)
+    return torch.stack(out), src, kind
+
+
+@dataclass
+class Calibration:
+    """The copy threshold where planted copies are told from held-out non-copies at ``target_precision``
+    (as SSCD's 0.75 gives about 90 % precision on DISC2021)."""
+
+    threshold: float
+    precision: float
+    recall: float
+    target_precision: float
+    achieved: bool
+    n_copies: int
+    n_noncopies: int
+    kinds: list[str]
+    recall_by_kind: dict[str, float] = field(default_factory=dict)
+
+
+def calibrate_threshold(copy_scores, copy_correct, noncopy_scores, target_precision: float = 0.9,
+                        kinds: Sequence[str] | None = None) -> Calibration:
+    """The lowest threshold whose detections (top-1 score above it) reach ``target_precision``: a
+    detection of a planted copy is a true positive when its top-1 match is its own source, a detection
+    of a held-out non-copy is a false positive. Recall: share of planted copies detected correctly. If
+    no threshold reaches the target, the highest score is used (nothing is flagged; ``achieved`` False)."""
+    pos = np.asarray(copy_scores, dtype=float)
+    ok = np.asarray(copy_correct, dtype=bool)
+    neg = np.asarray(noncopy_scores, dtype=float)
+    cands = np.unique(np.concatenate([pos, neg]))
+    best = None
+    for t in cands[::-1]:  # high to low: recall grows
+        tp = int(((pos >= t) & ok).sum())
+        fp = int(((pos >= t) & ~ok).sum() + (neg >= t).sum())
+        if tp + fp and tp / (tp + fp) >= target_precision:
+            best = (float(t), tp / (tp + fp), tp / max(len(pos), 1))
+    achieved = best is not None
+    if best is None:
+        t = float(np.nextafter(cands.max(), np.inf)) if len(cands) else 1.0
+        best = (t, float("nan"), 0.0)
+    by_kind = {}
+    if kinds is not None:
+        kinds = list(kinds)
+        for k in dict.fromkeys(kinds):
+            m = np.array([x == k for x in kinds])
+            by_kind[k] = float(((pos[m] >= best[0]) & ok[m]).mean())
+    return Calibration(best[0], best[1], best[2], float(target_precision), achieved, int(len(pos)),
+                       int(len(neg)), sorted(set(kinds or [])), by_kind)
+
+
+@dataclass
+class SetCopies:
+    """One synthetic set against the real training images."""
+
+    n: int
+    copy_rate: float          # share above the calibrated threshold
+    copies: int
+    raw: dict[str, Any]       # copy_stats at the fixed thresholds 0.5 / 0.75
+    background_normalized: Optional[dict[str, Any]] = None
+
+
+@dataclass
+class SSCDRecord(Record):
+    """Results of ``07_sscd``: the descriptor, its calibration, and each set's copy rate."""
+
+    STEP: ClassVar[str] = "07_sscd"
+    descriptor: str
+    descriptor_sha256: str
+    miniature_descriptor: bool
+    preprocess: str
+    size: int
+    n_reference: int
+    n_background: int
+    top_k: int
+    calibration: Calibration
+    planted_top1_recall: dict[str, float]
+    heldout_real_top1_median: float
+    sets: dict[str, SetCopies]
+    stand_in_synthetic: bool
+    thresholds: list[float] = field(default_factory=lambda: list(THRESHOLDS))
+    score_norm: dict[str, Any] = field(default_factory=dict)
+
+
+def set_copies(top1: torch.Tensor, calibration: Calibration, normalized: torch.Tensor | None = None) -> SetCopies:
+    """:class:`SetCopies` of a set's top-1 similarities at the calibrated threshold."""
+    t = np.asarray(top1, dtype=float)
+    n_above = int((t >= calibration.threshold).sum()) if calibration.achieved else 0
+    return SetCopies(int(len(t)), n_above / len(t) if len(t) else 0.0, n_above, copy_stats(t),
+                     copy_stats(normalized) if normalized is not None else None)
+
+
 __all__ = [
     "COPY_THRESHOLD", "ChecksumError", "IMAGENET_MEAN", "IMAGENET_STD", "REPLICATION_THRESHOLD",
-    "THRESHOLDS", "TinyDescriptor", "augment", "background_normalize", "compute_descriptors",
+    "THRESHOLDS", "CALIBRATION_KINDS", "Calibration", "SSCDRecord", "SetCopies", "TinyDescriptor",
+    "calibrate_threshold", "planted_copies", "set_copies", "augment", "background_normalize", "compute_descriptors",
     "center", "copy_stats", "info_nce", "jpeg", "koleo", "load_descriptor", "near_copies",
     "plot_similarity_histogram", "plot_top_matches", "preprocess", "recorded_sha256", "sha256_file",
     "topk_similar", "train_miniature_descriptor",

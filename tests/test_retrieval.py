@@ -80,12 +80,15 @@ def test_write_image_set_safe_names_prompts_and_stale_files(tmp_path):
 
 def test_budget_and_claims():
     assert retrieval.budget_from_set([{"label": 1}, {"label": 1}, {"label": 0}], 3) == [1, 2, 0]
-    lines = {"real": {"mean": 90.0, "std": 1.0}, "synthetic": {"mean": 70.0, "std": 2.0},
-             "retrieved-caption": {"mean": 75.0, "std": 2.0}, "retrieved-clip_i2i": {"mean": 65.0, "std": 1.0}}
+    line = lambda *v: {"mean": sum(v) / len(v), "per_seed": dict(enumerate(v))}  # noqa: E731
+    lines = {"real": line(90.0, 90.0), "synthetic": line(70.0, 71.0, 69.0),
+             "retrieved-caption": line(75.0, 76.0, 74.5), "retrieved-clip_i2i": line(65.0, 66.0, 64.0)}
     c = retrieval.claims(lines)
     assert c["realfake_gap_real_minus_synthetic"] == 20.0
-    assert c["best_retrieval"] == "retrieved-caption" and c["retrieval_beats_synthetic"]
-    assert c["retrieval_beats_synthetic_beyond_std"] and not c["every_strategy_beats_synthetic"]
+    assert c["best_retrieval"] == "retrieved-caption" and c["verdict"] == "holds"
+    assert c["comparison"]["test"] == "paired t" and not c["every_strategy_beats_synthetic"]
+    lines["retrieved-caption"] = line(80.0, 60.0, 75.0)   # same mean margin, seed noise: not resolvable
+    assert retrieval.claims(lines)["verdict"] == "inconclusive"
 
 
 def test_read_pool_index_layouts(tmp_path):
@@ -102,7 +105,8 @@ def test_read_pool_index_layouts(tmp_path):
             (d / "captions.csv").write_text("file,caption,class_name\n00000/a.png,a cat,cat\n00000/b.png,x,\n")
         else:
             (d / "00000" / "a.txt").write_text("a cat\n")
-        rows = retrieval.read_pool_index(d, ["dog", "cat"])
+        rows, excluded = retrieval.read_pool_index(d, ["dog", "cat"])
+        assert excluded == []
         assert [r["caption"] for r in rows] == ["a cat", "" if layout == "files" else "x"]
         assert rows[0]["path"] == str(d / "00000" / "a.png")
         assert [r["label"] for r in rows] == ([-1, -1] if layout == "files" else [1, -1])
@@ -188,3 +192,106 @@ def test_summarise_runs_groups_seeds_and_checks_the_recipe(tmp_path):
     assert lines["real"]["same_recipe"] and not lines["synthetic"]["same_recipe"]
     assert lines["synthetic"]["label"] == "synthetic lora-dm-vg-lp/k1"
     assert lines["retrieved-caption"]["std"] == 0.0
+
+
+def test_pool_index_paths_are_confined_and_unreadable_images_excluded(tmp_path):
+    from realfake_utils.rundir import UnsafePathError
+
+    d = tmp_path / "idx"
+    d.mkdir()
+    Image.new("RGB", (4, 4)).save(d / "ok.png")
+    (d / "broken.png").write_bytes(b"not an image")
+    for bad in ("../../../etc/hostname", "/etc/shadow"):
+        (d / "captions.jsonl").write_text(json.dumps({"file": bad, "caption": "x"}) + "\n")
+        with pytest.raises(UnsafePathError):
+            retrieval.read_pool_index(d)
+    (d / "captions.jsonl").write_text("".join(json.dumps({"file": f, "caption": f}) + "\n"
+                                              for f in ("ok.png", "broken.png", "gone.png")))
+    rows, excluded = retrieval.read_pool_index(d)
+    assert [r["caption"] for r in rows] == ["ok.png"]
+    assert [e["path"].endswith(n) for e, n in zip(excluded, ("broken.png", "gone.png"))] == [True, True]
+    assert excluded[1]["reason"] == "missing file"
+
+
+def _planted_pool():
+    """6 pool items, 2 classes, 2-d embeddings: the expected picks are known by construction."""
+    captions = ["a zero here", "one", "photo of zero", "nothing", "zero and one", "ONE hd"]
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.5, 0.8], [0.2, 0.98], [0.1, 0.9]])
+    cap = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.95, 0.05], [0.3, 0.9], [0.7, 0.6], [0.05, 0.95]])
+    # class x template text embeddings [C=2, T=2, D=2]: per class a sharp and a blurred template
+    tmpl = torch.tensor([[[1.0, 0.0], [0.8, 0.6]], [[0.0, 1.0], [0.6, 0.8]]])
+    return captions, img, cap, tmpl
+
+
+def test_geng_strategies_on_a_planted_pool_give_the_expected_picks():
+    captions, img, cap, tmpl = _planted_pool()
+    big = [6, 6]
+    # caption match: class words as whole words, an image naming both classes goes to one class only
+    picks = retrieval.retrieve("caption", big, captions=captions, class_names=["zero", "one"], seed=0)
+    assert sorted(picks[0] + picks[1]) == [0, 1, 2, 4, 5] and {0, 2} <= set(picks[0]) and {1, 5} <= set(picks[1])
+    # k-NN over image embeddings: best template cosine, each image to its best class, best first
+    picks = retrieval.retrieve("knn_image", big, pool_feats=img, template_feats=tmpl)
+    assert picks == [[0, 2], [1, 3, 5, 4]]       # item 3 scores 0.996 through the blurred template
+    picks = retrieval.retrieve("knn_caption", [1, 2], caption_feats=cap, template_feats=tmpl)
+    assert picks == [[0], [1, 5]]
+    excl = torch.tensor([False, True, False, False, False, False])
+    assert retrieval.retrieve("knn_image", [1, 1], pool_feats=img, template_feats=tmpl, exclude=excl) == [[0], [3]]
+    with pytest.raises(ValueError, match="knn_caption needs"):
+        retrieval.retrieve("knn_caption", big, pool_feats=img, template_feats=tmpl)
+
+
+def test_clip_score_filter_and_deduplication_on_a_planted_pool():
+    _, img, _, tmpl = _planted_pool()
+    text = tmpl[:, 0]                                          # one text embedding per class
+    picks = [[0, 2], [1, 3, 5, 4]]
+    # cosines with the own class's text: 0 -> 1.0, 2 -> 0.994, 1 -> 1.0, 3 -> 0.848, 5 -> 0.994, 4 -> 0.980
+    assert retrieval.clip_score_filter(picks, img, text, threshold=0.9) == [[0, 2], [1, 5, 4]]
+    assert retrieval.clip_score_filter(picks, img, text, threshold=0.99) == [[0, 2], [1, 5]]
+    assert retrieval.clip_score_filter(picks, img, text, percentile=50) == [[0], [1, 5]]
+    assert retrieval.clip_score_filter(picks, img, text) == picks
+    dup = torch.cat([img, img[:1] * 2.0])                     # item 6 duplicates item 0
+    assert retrieval.deduplicate([[0, 6, 2], [1]], dup, threshold=0.999) == [[0, 2], [1]]
+
+
+def test_sweep_points_and_proportional_subsets():
+    pts = retrieval.sweep_points(200, [0.1, 0.25, 0.5, 1.0], [2, 4])
+    assert pts == {"retrieved": [20, 50, 100, 200], "synthetic": [20, 50, 100, 200, 400, 800]}
+    per_class = [list(range(0, 30)), list(range(30, 40))]
+    sub = retrieval.proportional_subset(per_class, 8, seed=0)
+    assert [len(s) for s in sub] == [6, 2] and set(sub[0]) <= set(per_class[0])
+    assert sub == retrieval.proportional_subset(per_class, 8, seed=0) != retrieval.proportional_subset(per_class, 8, 1)
+    assert retrieval.proportional_subset(per_class, 40, seed=3) == per_class
+    with pytest.raises(ValueError):
+        retrieval.proportional_subset(per_class, 41, 0)
+
+
+def _record(retr, syn, sizes=(10, 20, 30)):
+    pts = [retrieval.SweepPoint(src, n, s, v + 0.3 * s, v + 0.2 * s)
+           for src, vals in (("retrieved", retr), ("synthetic", syn)) for n, v in zip(sizes + (40,), vals)
+           for s in range(3) if src == "synthetic" or n != 40]
+    return retrieval.RetrievalRecord(
+        strategies={}, sweep_strategy="knn_image", retrieved_max=max(sizes),
+        sizes={"retrieved": list(sizes), "synthetic": list(sizes) + [40]}, seeds=[0, 1, 2],
+        off_the_shelf={"zero_shot": 30.0, "linear_probe": 60.0}, sweep=pts,
+        source_labels={"retrieved": "retrieved", "synthetic": "synthetic"}, synthetic_sets={}, dedup={},
+        pool={}, adapt_config={}, templates=["photo of {}"])
+
+
+def test_claim_per_size_across_sizes_and_beyond_the_maximum(tmp_path):
+    rec = _record(retr=[60.0, 70.0, 75.0], syn=[50.0, 55.0, 58.0, 59.0])
+    c = retrieval.claim(rec)
+    assert c["verdict"] == "holds"
+    assert [(r["metric"], r["size"], r["verdict"]) for r in c["per_size"]][:2] == [
+        ("zero_shot", 10, "holds"), ("zero_shot", 20, "holds")]
+    assert c["per_size"][0]["comparison"]["diff"] == pytest.approx(10.0)
+    assert c["beyond_max"][0]["synthetic_size"] == 40 and c["beyond_max"][0]["verdict"] == "holds"
+    rec2 = _record(retr=[50.0, 55.0, 56.0], syn=[60.0, 70.0, 72.0, 73.0])
+    assert retrieval.claim(rec2)["verdict"] == "contradicted"
+    assert len(retrieval.claim_lines(c)) == len(c["per_size"]) + len(c["across_sizes"]) + len(c["beyond_max"]) + 1
+    rec.save(tmp_path)
+    back = retrieval.RetrievalRecord.load(tmp_path)
+    assert back == rec and retrieval.claim(back) == c
+    import matplotlib
+    matplotlib.use("Agg")
+    fig = retrieval.plot_sweep(back)
+    assert len(fig.axes) == 2
