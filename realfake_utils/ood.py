@@ -27,15 +27,18 @@ transformation standing for each set (see :data:`MINIATURE_VARIANTS`):
 """
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
 from .classify import accuracy_metrics, predict_logits
+from .records import Record
 
 DATA_DIR = Path(__file__).resolve().parent / "resources"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG")
@@ -289,53 +292,224 @@ def label_wnids(rows: Sequence[dict[str, Any]]) -> list[str]:
     return [folders[i] for i in range(len(folders))]
 
 
-def summarise_ood(results: Sequence[dict[str, Any]], metric: str = "top1") -> list[dict[str, Any]]:
-    """Results ({row, k, seed, sets: {name: {top1, top5}}}) -> one line per (row, k): mean and std over
-    seeds of ``metric`` for every OOD set (in %)."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in results:
-        groups.setdefault((r["row"], r["k"]), []).append(r)
-    out = []
-    for (row, k), rs in groups.items():
-        line: dict[str, Any] = {"row": row, "k": k, "n": len(rs)}
-        for name in rs[0]["sets"]:
-            vals = np.array([100 * x["sets"][name][metric] for x in rs])
-            line[name] = float(vals.mean())
-            line[name + "_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
-        out.append(line)
+# --------------------------------------------------------------------------------------------- the step
+@dataclass
+class OODResult:
+    """top-1 / top-5 (fractions) of one 04 classifier on one OOD set. ``source``: what it trained on,
+    as 04's record names it (``real``, a set name such as ``lora-dm-vg-lp``, ``real+<set>``)."""
+
+    classifier: str          # 04's run folder, relative to the run folder
+    source: str
+    k: int
+    synthesis_seed: int
+    classifier_seed: int
+    ood_set: str             # v2-like | sketch | rendition | hard | clean | imagenet-* | "<set> (all classes)"
+    top1: float
+    top5: float
+    n: int
+    restricted: bool
+
+
+@dataclass
+class OODLine:
+    """One Table 4 cell: ``metric`` (%) of the classifiers of (source, k) on ``ood_set``, mean and
+    t 95 % interval over seeds (classifier seeds x synthesis seeds) from ``stats.seed_stats``."""
+
+    source: str
+    k: int
+    ood_set: str
+    metric: str
+    n: int
+    mean: float
+    std: float
+    lo: float
+    hi: float
+
+    def fmt(self) -> str:
+        half = (self.hi - self.lo) / 2
+        return f"{self.mean:5.1f} +-{half:4.1f}" if self.n > 1 and math.isfinite(half) else f"{self.mean:5.1f} (n=1)"
+
+
+@dataclass
+class OODRecord(Record):
+    """Results of 05 (Table 4, Apx. G.3): every classifier of 04 on every OOD set, and the summary."""
+
+    STEP: ClassVar[str] = "05_ood_eval"
+
+    sets: dict[str, str]               # OOD set name -> what it is
+    results: list[OODResult]
+    summary_top1: list[OODLine]
+    summary_top5: list[OODLine]
+    default_set: str = ""              # 03's default set (the full method): the OOD-vs-k curve
+    hard_fraction: float = 0.0
+    hard_filter: str = ""
+    hard_filter_models: int = 0
+
+    def line(self, source: str, k: int, ood_set: str, metric: str = "top1") -> OODLine | None:
+        lines = self.summary_top1 if metric == "top1" else self.summary_top5
+        return next((ln for ln in lines if (ln.source, ln.k, ln.ood_set) == (source, k, ood_set)), None)
+
+    @property
+    def ood_sets(self) -> list[str]:
+        """The OOD sets proper (not the clean test split, not the unrestricted comparisons)."""
+        return [s for s in dict.fromkeys(r.ood_set for r in self.results)
+                if s != "clean" and not s.endswith("(all classes)")]
+
+
+def build_ood_sets(run: Any, image_size: int, recipe: dict[str, Any], *, miniature_variants: bool = True,
+                   hard_fraction: float = 0.1, hard_filter: str = "cnn", hard_filter_models: int = 2,
+                   roots: dict[str, str] | None = None, seed: int = 0, device: str = "auto"
+                   ) -> tuple[dict[str, dict[str, Any]], dict[str, OODFolder], tuple | None]:
+    """The OOD sets of a run: (miniature variants {name: {images, labels, allowed, description}},
+    ImageNet-style folders {name: OODFolder} for every non-empty root of ``roots`` (``imagenet-v2``,
+    ``imagenet-sketch``, ``imagenet-r``, ``imagenet-a``), the clean test split (images, labels) or None).
+    The hard set's filter CNNs train with ``recipe`` (04's) on the real train split."""
+    from . import data
+
+    data_dir = (Path(run) if isinstance(run, (str, os.PathLike)) else Path(run.root)) / "artifacts" / "data"
+    rows_all = data.read_manifest(data_dir / "manifest.csv")
+    num_classes = len(data.class_names(rows_all))
+    variants, clean = {}, None
+    if miniature_variants:
+        test_x, test_y, _ = data.load_split(data_dir, "test", image_size)
+        train_x, train_y, _ = data.load_split(data_dir, "train", image_size)
+        filters = None
+        if hard_filter == "cnn":
+            filters = train_filter_models(train_x, train_y, num_classes, recipe, data_dir.parent / "ood",
+                                          hard_filter_models, seed=seed, device=device)
+        variants = build_miniature_variants(test_x, test_y, train_x, train_y, num_classes, seed=seed,
+                                            hard_fraction=hard_fraction, filter_models=filters)
+        clean = (test_x, test_y)
+    kinds = {"imagenet-v2": "v2", "imagenet-sketch": "sketch", "imagenet-r": "r", "imagenet-a": "a"}
+    folders = {name: OODFolder(root, kinds[name], model_wnids=label_wnids(rows_all))
+               for name, root in (roots or {}).items() if root}
+    return variants, folders, clean
+
+
+def describe_sets(variants: dict[str, dict[str, Any]], folders: dict[str, OODFolder]) -> str:
+    """One line per OOD set: size, class restriction, what it stands for."""
+    lines = [f"{name:<10} {len(v['labels']):>5} images, "
+             f"{'restricted to ' + str(len(v['allowed'])) + ' classes' if v['allowed'] else 'all classes'}: "
+             f"{v['description']}" for name, v in variants.items()]
+    lines += [f"{name:<10} {len(ds):>5} images, "
+              f"{'restricted to ' + str(len(ds.allowed)) + ' classes' if ds.allowed else 'all classes'}"
+              for name, ds in folders.items()]
+    return "\n".join(lines)
+
+
+def evaluate_classifiers(run: Any, runs: Sequence[Any], variants: dict[str, dict[str, Any]],
+                         folders: dict[str, OODFolder], num_classes: int, clean: tuple | None = None,
+                         device: str = "cpu") -> list[OODResult]:
+    """Every classifier of 04's record (``runs``: its run entries, each with ``path``, ``source``, ``k``,
+    ``synthesis_seed``, ``classifier_seed``) on the clean test split and every OOD set; sets covering a
+    class subset are also scored with the unrestricted arg-max (``"<set> (all classes)"``), as the
+    official Real-Fake evaluation does."""
+    from .classify import load_classifier
+
+    root = Path(run) if isinstance(run, (str, os.PathLike)) else Path(run.root)
+    out: list[OODResult] = []
+    for r in runs:
+        path = Path(r.path) if Path(r.path).is_absolute() else root / r.path
+        model = load_classifier(path, device=device)
+        sets = evaluate_variants(model, variants, num_classes, clean=clean, device=device) if variants else {}
+        subset = {k: v for k, v in variants.items() if v["allowed"]}
+        sets.update({f"{k} (all classes)": v for k, v in
+                     evaluate_variants(model, subset, num_classes, restrict=False, device=device).items()})
+        for name, ds in folders.items():
+            sets[name] = evaluate_folder(model, ds, model.recipe, num_classes, device=device)
+            if ds.allowed is not None:
+                sets[f"{name} (all classes)"] = evaluate_folder(model, ds, model.recipe, num_classes,
+                                                                device=device, restrict=False)
+        for name, m in sets.items():
+            out.append(OODResult(classifier=str(r.path), source=r.source, k=int(r.k),
+                                 synthesis_seed=int(r.synthesis_seed), classifier_seed=int(r.classifier_seed),
+                                 ood_set=name, top1=float(m["top1"]), top5=float(m["top5"]), n=int(m["n"]),
+                                 restricted=bool(m["restricted"])))
     return out
 
 
-def format_ood_table(lines: Sequence[dict[str, Any]], sets: Sequence[str], metric: str = "top-1") -> str:
-    head = f"{'classifier':<28} {'k':>2} " + " ".join(f"{s:>15}" for s in sets)
-    out = [f"{metric} % (mean +- std over seeds)", head]
-    for ln in lines:
-        out.append(f"{ln['row']:<28} {ln['k']:>2} " +
-                   " ".join(f"{ln[s]:>8.1f} +-{ln[s + '_std']:>4.1f}" for s in sets))
+def summarise(results: Sequence[OODResult], metric: str = "top1") -> list[OODLine]:
+    """One :class:`OODLine` per (source, k, OOD set): ``metric`` in %, statistics over seeds from
+    ``stats.seed_stats`` (the kit's one place for them)."""
+    from .stats import seed_stats
+
+    groups: dict[tuple, list[float]] = {}
+    for r in results:
+        groups.setdefault((r.source, r.k, r.ood_set), []).append(100 * getattr(r, metric))
+    lines = []
+    for (source, k, name), vals in groups.items():
+        e = seed_stats(vals)
+        lines.append(OODLine(source, k, name, metric, e.n, e.mean, e.std, e.lo, e.hi))
+    return lines
+
+
+def build_record(results: Sequence[OODResult], variants: dict[str, dict[str, Any]],
+                 folders: dict[str, OODFolder], default_set: str = "", **settings: Any) -> OODRecord:
+    """The step's :class:`OODRecord` (``settings``: hard_fraction, hard_filter, hard_filter_models)."""
+    sets = {name: v["description"] for name, v in variants.items()}
+    sets |= {name: f"ImageNet-style folder ({len(ds)} images)" for name, ds in folders.items()}
+    return OODRecord(sets=sets, results=list(results), summary_top1=summarise(results, "top1"),
+                     summary_top5=summarise(results, "top5"), default_set=default_set, **settings)
+
+
+def format_ood_table(lines: Sequence[OODLine], sets: Sequence[str]) -> str:
+    """Table 4 layout: one line per (source, k), one column per OOD set (mean +- 95 % half-width, %)."""
+    by = {(ln.source, ln.k, ln.ood_set): ln for ln in lines}
+    keys = list(dict.fromkeys((ln.source, ln.k) for ln in lines))
+    metric = lines[0].metric.replace("top", "top-") if lines else ""
+    out = [f"{metric} % (mean +- 95% interval half-width over seeds)",
+           f"{'classifier':<28} {'k':>2} " + " ".join(f"{s:>14}" for s in sets)]
+    for source, k in keys:
+        cells = [by[(source, k, s)].fmt() if (source, k, s) in by else "-" for s in sets]
+        out.append(f"{source:<28} {k:>2} " + " ".join(f"{c:>14}" for c in cells))
     return "\n".join(out)
 
 
-def plot_ood_vs_k(lines: Sequence[dict[str, Any]], synthetic_row: str, real_row: str, sets: Sequence[str]):
-    """OOD accuracy against k for the synthetic-only classifiers of ``synthetic_row``, with each set's
-    real-only level as a dashed line of the same colour."""
+def restriction_gaps(record: OODRecord) -> dict[str, float]:
+    """Mean top-1 gain (points) of restricting the arg-max to the covered classes, per class-subset set."""
+    by = {(r.classifier, r.ood_set): r.top1 for r in record.results}
+    out = {}
+    for r_set in dict.fromkeys(r.ood_set for r in record.results if r.restricted):
+        gaps = [100 * (v - by[(c, f"{r_set} (all classes)")]) for (c, s), v in by.items()
+                if s == r_set and (c, f"{r_set} (all classes)") in by]
+        if gaps:
+            out[r_set] = float(np.mean(gaps))
+    return out
+
+
+def plot_ood_vs_k(record: OODRecord, synthetic_source: str = "", real_source: str = "real",
+                  metric: str = "top1"):
+    """OOD accuracy against k for the synthetic-only classifiers of ``synthetic_source`` (default: the
+    record's default set), with 95 % intervals, and each set's real-only level as a dashed line."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    real = next((ln for ln in lines if ln["row"] == real_row), None)
-    for i, s in enumerate(sets):
-        pts = sorted((ln["k"], ln[s], ln[s + "_std"]) for ln in lines if ln["row"] == synthetic_row)
-        color = f"C{i}"
-        if pts:
-            k, m, sd = map(np.asarray, zip(*pts))
-            ax.errorbar(k, m, yerr=sd, marker="o", capsize=3, color=color, label=s)
-        if real is not None:
-            ax.axhline(real[s], color=color, ls="--", lw=1)
     from .classify import _k_axis
 
-    _k_axis(ax, sorted({ln["k"] for ln in lines if ln["row"] == synthetic_row}))
+    src = synthetic_source or record.default_set
+    lines = record.summary_top1 if metric == "top1" else record.summary_top5
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for i, s in enumerate(record.ood_sets):
+        pts = sorted((ln.k, ln.mean, ln.lo, ln.hi) for ln in lines if ln.source == src and ln.ood_set == s)
+        if pts:
+            k, m, lo, hi = map(np.asarray, zip(*pts))
+            err = np.nan_to_num(np.stack([m - lo, hi - m]), posinf=0.0, neginf=0.0)
+            ax.errorbar(k, m, yerr=err, marker="o", capsize=3, color=f"C{i}", label=s)
+        real = [ln for ln in lines if ln.source == real_source and ln.ood_set == s]
+        if real:
+            ax.axhline(real[0].mean, color=f"C{i}", ls="--", lw=1)
+    _k_axis(ax, sorted({ln.k for ln in lines if ln.source == src}))
     ax.set_xlabel("k (synthetic images per real training image)")
-    ax.set_ylabel("top-1 (%)")
-    ax.set_title(f"OOD accuracy vs k ({synthetic_row}; dashed: real only)", fontsize=10)
+    ax.set_ylabel(f"{metric.replace('top', 'top-')} (%)")
+    ax.set_title(f"OOD accuracy vs k ({src}; dashed: real only)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def variants_figure(clean: tuple, variants: dict[str, dict[str, Any]], per_row: int = 8):
+    """Rows: clean test images, then each miniature OOD variant (a spread across classes)."""
+    from .plots import image_grid
+
+    spread = lambda t: t[torch.linspace(0, len(t) - 1, min(per_row, len(t))).long()]  # noqa: E731
+    show = torch.cat([spread(clean[0])] + [spread(v["images"]) for v in variants.values()])
+    return image_grid(show, nrow=per_row, suptitle="rows: clean test, " + ", ".join(variants))

@@ -120,3 +120,64 @@ def test_filter_models_choose_the_hard_subset(tmp_path):
     kept = v["hard"]["labels"]
     assert len(kept) == 6
     assert v["hard"]["filter_true_prob"] == pytest.approx(float(np.sort(p)[:6].mean()))
+
+
+# ---------------------------------------------------------------- the step: evaluation, summary, record
+def _result(source, k, cseed, sseed, name, top1, restricted=False):
+    return ood.OODResult(classifier=f"artifacts/classifiers/{source}__k{k}__s{cseed}__g{sseed}", source=source,
+                         k=k, synthesis_seed=sseed, classifier_seed=cseed, ood_set=name, top1=top1,
+                         top5=min(1.0, top1 + 0.1), n=50, restricted=restricted)
+
+
+def test_summary_uses_the_seed_statistics_and_record_round_trips(tmp_path):
+    from realfake_utils import stats
+
+    res = [_result("lora-dm-vg-lp", 1, c, g, "sketch", 0.30 + 0.01 * c + 0.02 * g) for c in range(3) for g in range(2)]
+    res += [_result("real", 0, c, 0, "sketch", 0.5 + 0.01 * c) for c in range(3)]
+    res += [_result("real", 0, c, 0, "rendition", 0.6, True) for c in range(3)]
+    res += [_result("real", 0, c, 0, "rendition (all classes)", 0.55) for c in range(3)]
+    rec = ood.build_record(res, {"sketch": {"description": "edges"}}, {}, default_set="lora-dm-vg-lp",
+                           hard_fraction=0.1, hard_filter="cnn", hard_filter_models=2)
+    line = rec.line("lora-dm-vg-lp", 1, "sketch")
+    est = stats.seed_stats([100 * r.top1 for r in res[:6]])
+    assert line.n == 6 and (line.mean, line.lo, line.hi) == pytest.approx((est.mean, est.lo, est.hi))
+    assert rec.line("real", 0, "sketch", "top5").mean == pytest.approx(61.0)
+    assert rec.ood_sets == ["sketch", "rendition"]
+    assert ood.restriction_gaps(rec) == {"rendition": pytest.approx(5.0)}
+    rec.save(tmp_path)
+    back = ood.OODRecord.load(tmp_path)
+    assert back == rec and isinstance(back.results[0], ood.OODResult) and isinstance(back.summary_top1[0], ood.OODLine)
+    table = ood.format_ood_table(back.summary_top1, back.ood_sets)
+    assert "lora-dm-vg-lp" in table and "+-" in table
+    fig = ood.plot_ood_vs_k(back)
+    assert fig.axes[0].get_xlabel().startswith("k")
+
+
+def test_evaluate_classifiers_reads_every_run(tmp_path):
+    """04's runs (path, source, k, seeds) -> one result per (classifier, set), restricted sets twice."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class Run:  # the fields 05 reads from each entry of 04's record
+        path: str
+        source: str
+        k: int
+        synthesis_seed: int
+        classifier_seed: int
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(4).repeat(8)
+    x = torch.randint(0, 255, (32, 3, 8, 8), dtype=torch.uint8, generator=g)
+    recipe = C.load_recipe("miniature", image_size=8, epochs=1, batch_size=16,
+                           model_kwargs={"channels": [8, 8, 8, 8], "stem_width": 8})
+    ood.train_filter_models(x, y, 4, recipe, tmp_path / "artifacts" / "classifiers", n_models=1)
+    runs = [Run("artifacts/classifiers/filter_s10000", "real", 0, 0, 0)]
+    variants = ood.build_miniature_variants(x, y, x, y, 4, hard_fraction=0.25)
+    res = ood.evaluate_classifiers(tmp_path, runs, variants, {}, 4, clean=(x, y))
+    names = [r.ood_set for r in res]
+    assert names == ["clean", "v2-like", "sketch", "rendition", "hard", "rendition (all classes)"]
+    assert all(r.classifier == runs[0].path and r.source == "real" for r in res)
+    by = {r.ood_set: r for r in res}
+    assert by["rendition"].restricted and by["rendition"].top1 >= by["rendition (all classes)"].top1
+    assert by["rendition"].n == int(torch.isin(y, torch.tensor([0, 2])).sum())
+    assert "restricted to 2 classes" in ood.describe_sets(variants, {})
