@@ -1,0 +1,396 @@
+"""Tables 1-4 of Real-Fake, measured, beside the paper's published numbers (notebook 09, REPORT.md).
+
+Inputs are typed records only (:class:`RunRecords` loads them, one per step, with the producers' own
+classes; nothing here parses a layout): 03's :class:`synthesize.SynthesisRecord`, 04's
+:class:`classify.ClassifierRecord`, 05's :class:`ood.OODRecord`. Published numbers come from
+``resources/paper_numbers.yaml`` (schema v2, every cell with its table / row / column as ``source``).
+
+Each table is a :class:`Table` (title, headers, rows of cells, notes) rendered by :func:`markdown`.
+Per-seed values become estimates (mean, 95 % t interval) only through :mod:`realfake_utils.stats`.
+
+Which paper column a run sits beside (:func:`paper_column`): the paper's data set for a paper preset
+(``imagenette`` -> IN-10, ``eurosat`` -> EuroSAT ...), ``eurosat-mini`` beside EuroSAT, and ``digits`` /
+``smoke`` beside IN-10 *labelled as the closest small set* (10 classes, the smallest of Table 1).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+
+from . import classify, ood, stats, synthesize
+from .records import Record
+
+PAPER_NUMBERS = Path(__file__).resolve().parent / "resources" / "paper_numbers.yaml"
+
+# Table 2 of the paper, in its order (row 1 ... 9): the kit's set names (synthesize.set_name).
+TABLE2_ROWS = (
+    "base-novg-t2i", "lora-nodm-novg-t2i", "lora-nodm-vg-t2i", "lora-dm-novg-t2i", "lora-dm-vg-t2i",
+    "base-novg-lp", "lora-nodm-vg-lp", "lora-dm-novg-lp", "lora-dm-vg-lp",
+)
+DEFAULT_ROW = "lora-dm-vg-lp"          # the full method (Table 2 row 9)
+TABLE2_COLUMNS = ("IN-10", "IN-100")  # the paper ran the ablation on these two only (Sec. 4.1)
+
+# preset -> (paper column of Table 1, label shown beside it)
+PRESET_COLUMNS = {
+    "digits": ("IN-10", "IN-10 (closest small set: the digits are not ImageNet)"),
+    "smoke": ("IN-10", "IN-10 (closest small set; smoke numbers mean nothing)"),
+    "eurosat-mini": ("EuroSAT", "EuroSAT (the run: a 10,000-image subset at 32 px)"),
+    "eurosat": ("EuroSAT", "EuroSAT"), "eurosat-official": ("EuroSAT", "EuroSAT"),
+    "imagenette": ("IN-10", "IN-10"), "imagenette-official": ("IN-10", "IN-10"),
+    "imagenet100": ("IN-100", "IN-100"), "imagenet100-official": ("IN-100", "IN-100"),
+    "imagenet1k": ("IN-1K", "IN-1K"), "imagenet1k-official": ("IN-1K", "IN-1K"),
+    "cub": ("CUB", "CUB"), "cub-official": ("CUB", "CUB"),
+    "cars": ("Cars", "Cars"), "cars-official": ("Cars", "Cars"),
+    "pets": ("PET", "PET"), "pets-official": ("PET", "PET"),
+}
+MINIATURE_PRESETS = ("digits", "smoke", "eurosat-mini")
+
+
+# --------------------------------------------------------------------------------------------- paper
+@dataclass(frozen=True)
+class PaperCell:
+    """One published number (``paper_numbers.yaml`` v2 entry)."""
+
+    value: float
+    unit: str
+    source: str
+    note: str = ""
+
+
+class PaperNumbers:
+    """The published numbers: ``cell(table, column, row)`` -> :class:`PaperCell` or None (not printed)."""
+
+    def __init__(self, data: dict[str, Any]):
+        if data.get("schema_version") != 2:
+            raise ValueError(f"{PAPER_NUMBERS.name}: schema_version {data.get('schema_version')!r}, expected 2 "
+                             "(see the file's header)")
+        self.data = data
+        self.tables: dict[str, dict[str, dict[str, dict[str, Any]]]] = data.get("tables") or {}
+        self.claims: dict[str, dict[str, str]] = data.get("claims") or {}
+        self.citations: dict[str, str] = data.get("citations") or {}
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> "PaperNumbers":
+        return cls(yaml.safe_load(Path(path or PAPER_NUMBERS).read_text()) or {})
+
+    def cell(self, table: str, column: str, row: str) -> PaperCell | None:
+        e = ((self.tables.get(table) or {}).get(column) or {}).get(row)
+        if e is None:
+            return None
+        return PaperCell(float(e["value"]), str(e.get("unit", "")), str(e["source"]), str(e.get("note", "")))
+
+    def value(self, table: str, column: str, row: str) -> float | None:
+        c = self.cell(table, column, row)
+        return None if c is None else c.value
+
+    def claim(self, key: str) -> tuple[str, str]:
+        c = self.claims.get(key) or {}
+        return str(c.get("text", "")), str(c.get("source", ""))
+
+
+def paper_column(preset: str) -> tuple[str, str]:
+    """(Table 1 column, label) the run of ``preset`` is shown beside; an unknown preset (an
+    ``imagefolder`` data set of your own) is shown beside IN-10, labelled as the closest small set."""
+    return PRESET_COLUMNS.get(preset, ("IN-10", "IN-10 (closest small set; not the run's data set)"))
+
+
+def is_paper_preset(preset: str) -> bool:
+    """A preset built on ``params/_paper.yaml`` (the paper's protocol at the paper's sizes)."""
+    from .params import ParamError, load_layers
+
+    try:
+        return any(name == "params/_paper.yaml" for name, _ in load_layers(preset))
+    except ParamError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------- records
+def _record_class(module: Any, name: str) -> type[Record]:
+    cls = getattr(module, name, None)
+    if cls is None:
+        raise ImportError(f"realfake_utils.{module.__name__.rsplit('.', 1)[-1]} defines no {name}: the report "
+                          f"reads that step's results through it (update the kit)")
+    return cls
+
+
+@dataclass
+class RunRecords:
+    """The records of a run folder the report reads (None: that step has not run here)."""
+
+    synthesis: Any = None      # synthesize.SynthesisRecord (03)
+    classifier: Any = None     # classify.ClassifierRecord (04)
+    ood: Any = None            # ood.OODRecord (05)
+    lira: Any = None           # lira.LiraRecord (06)
+    sscd: Any = None           # sscd.SSCDRecord (07)
+    retrieval: Any = None      # retrieval.RetrievalRecord (08)
+
+    @classmethod
+    def load(cls, run: Any) -> "RunRecords":
+        from . import lira, retrieval, sscd
+
+        out = cls()
+        for attr, module, name in (("synthesis", synthesize, "SynthesisRecord"),
+                                   ("classifier", classify, "ClassifierRecord"), ("ood", ood, "OODRecord"),
+                                   ("lira", lira, "LiraRecord"), ("sscd", sscd, "SSCDRecord"),
+                                   ("retrieval", retrieval, "RetrievalRecord")):
+            setattr(out, attr, _record_class(module, name).load_or_none(run))
+        return out
+
+    def steps(self) -> dict[str, bool]:
+        return {"03_synthesize": self.synthesis is not None, "04_train_classifier": self.classifier is not None,
+                "05_ood_eval": self.ood is not None, "06_lira": self.lira is not None,
+                "07_sscd": self.sscd is not None, "08_retrieval_baseline": self.retrieval is not None}
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """One trained classifier as the report reads it from 04's record (top-1 / top-5 in %)."""
+
+    source: str                   # "real", a set name (synthetic only) or "real+<set name>"
+    k: int                        # 0 for real only
+    synthesis_seed: Optional[int]
+    classifier_seed: int
+    top1: float
+    top5: Optional[float]
+    n_train: int
+
+
+def accuracies(rec: Any) -> list[Accuracy]:
+    """04's runs (:class:`classify.ClassifierRecord`.runs) as :class:`Accuracy` (fractions -> %)."""
+    if rec is None:
+        return []
+    return [Accuracy(r.source, int(r.k), r.synthesis_seed, int(r.classifier_seed), 100.0 * float(r.top1),
+                     None if r.top5 is None else 100.0 * float(r.top5), int(r.n_train)) for r in rec.runs]
+
+
+def select(accs: Sequence[Accuracy], source: str, k: int | None = None) -> list[Accuracy]:
+    return [a for a in accs if a.source == source and (k is None or a.k == k)]
+
+
+def _key(a: Accuracy) -> tuple:
+    return (-1 if a.synthesis_seed is None else a.synthesis_seed, a.classifier_seed)
+
+
+def compare_runs(a: Sequence[Accuracy], b: Sequence[Accuracy], metric: str = "top1") -> stats.Comparison:
+    """``b - a`` over seeds: paired (:func:`stats.paired`) when both sides ran the same (synthesis seed,
+    classifier seed) pairs, or the same classifier seeds once each (real vs one synthetic set); Welch's
+    test otherwise."""
+    def vals(side, keyf):
+        return {keyf(x): getattr(x, metric) for x in side}
+
+    for keyf in (_key, lambda x: x.classifier_seed):
+        va, vb = vals(a, keyf), vals(b, keyf)
+        if len(va) == len(a) and len(vb) == len(b) and va and set(va) == set(vb):
+            keys = sorted(va)
+            return stats.paired([va[k] for k in keys], [vb[k] for k in keys])
+    return stats.welch([getattr(x, metric) for x in a], [getattr(x, metric) for x in b])
+
+
+def estimate(runs: Sequence[Accuracy], metric: str = "top1") -> stats.Estimate:
+    return stats.seed_stats([getattr(r, metric) for r in runs if getattr(r, metric) is not None])
+
+
+def fmt_diff(c: stats.Comparison, digits: int = 1) -> str:
+    """``+2.3 [+0.4, +4.1] (paired t, n=3)``; ``n/a`` when nothing to compare."""
+    if c.n_a == 0 or c.n_b == 0 or math.isnan(c.diff):
+        return "n/a"
+    if not (math.isfinite(c.lo) and math.isfinite(c.hi)):
+        return f"{c.diff:+.{digits}f} (one seed: no interval)"
+    return f"{c.diff:+.{digits}f} [{c.lo:+.{digits}f}, {c.hi:+.{digits}f}] ({c.test}, n={min(c.n_a, c.n_b)})"
+
+
+# --------------------------------------------------------------------------------------------- tables
+@dataclass
+class Table:
+    name: str
+    title: str
+    headers: list[str]
+    rows: list[list[Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    missing: str = ""
+
+
+def not_measured(step: str, why: str = "") -> str:
+    return f"not measured ({why or f'run notebook {step}'})"
+
+
+def _paper(p: PaperNumbers, table: str, column: str, row: str) -> str:
+    v = p.value(table, column, row)
+    return "-" if v is None else f"{v:g}"
+
+
+def table1(recs: RunRecords, paper: PaperNumbers, preset: str) -> Table:
+    """Table 1: synthetic only (k = 1, the default row), real only, real + synthetic, beside the paper's
+    OURS / real only / OURS + real of the matching column."""
+    col, label = paper_column(preset)
+    t = Table("table1", "Table 1: synthetic only, real only, real + synthetic (top-1 %)",
+              ["row", "k", "n_train", "this run: top-1 % (95 % interval)", f"paper {label}"])
+    accs = accuracies(recs.classifier)
+    if not accs:
+        t.missing = not_measured("04_train_classifier")
+        return t
+    default = recs.classifier.default_row if hasattr(recs.classifier, "default_row") else DEFAULT_ROW
+    for name, source, k, prow in (("synthetic only", default, 1, "OURS"), ("real only", "real", 0, "real only"),
+                                  ("real + synthetic", f"real+{default}", 1, "OURS + real")):
+        runs = select(accs, source, k)
+        t.rows.append([f"{name} ({source})", k, runs[0].n_train if runs else "-", estimate(runs).fmt(),
+                       _paper(paper, "table1", col, prow)])
+    t.notes.append(f"paper column: Table 1, column '{col}' ({label}).")
+    return t
+
+
+def table2(recs: RunRecords, paper: PaperNumbers) -> Table:
+    """Table 2: the nine ablation rows in the paper's order, synthetic only at k = 1, each with its
+    difference to row 1 (paired over seeds), beside the paper's IN-10 and IN-100 values."""
+    t = Table("table2", "Table 2: ablation, synthetic only, k = 1 (top-1 %)",
+              ["#", "row", "LP", "VG", "DM", "FT", "this run: top-1 % (95 % interval)",
+               "vs row 1 (paired)", "paper IN-10", "paper IN-100"])
+    accs = accuracies(recs.classifier)
+    if not accs:
+        t.missing = not_measured("04_train_classifier")
+        return t
+    base = select(accs, TABLE2_ROWS[0], 1)
+    for i, row in enumerate(TABLE2_ROWS, 1):
+        name = _measured_name(accs, row)
+        runs = select(accs, name, 1)
+        sw = row_switches(row)
+        ticks = ["✓" if sw[s] else "" for s in ("latent_prior", "visual_guidance", "dm_loss", "finetune")]
+        diff = fmt_diff(compare_runs(base, runs)) if i > 1 and runs and base else ""
+        t.rows.append([i, name, *ticks, estimate(runs).fmt() if runs else not_measured("03/04", "row not run"),
+                       diff, _paper(paper, "table2", "IN-10", row), _paper(paper, "table2", "IN-100", row)])
+    t.notes.append("paper columns: Table 2 (ImageNette = IN-10, ImageNet100 = IN-100); rows in the paper's order.")
+    return t
+
+
+def _measured_name(accs: Sequence[Accuracy], row: str) -> str:
+    """The row's set name as run: ``lora-dm-...`` or, when 02 trained the DM variants with the official
+    loss form, ``lora-dmofficial-...`` (the same Table 2 row)."""
+    if select(accs, row) or "-dm-" not in row:
+        return row
+    official = row.replace("-dm-", "-dmofficial-")
+    return official if select(accs, official) else row
+
+
+def row_switches(row: str) -> dict[str, bool]:
+    """The Table 2 switches of a set name (``synthesize.set_name``'s grammar)."""
+    parts = row.split("-")
+    lora = parts[0] == "lora"
+    return {"finetune": lora, "dm_loss": lora and parts[1] in ("dm", "dmofficial"),
+            "visual_guidance": "vg" in parts, "latent_prior": parts[-1] == "lp"}
+
+
+def scale_points(recs: RunRecords) -> dict[str, dict[int, list[Accuracy]]]:
+    """{"synthetic": {k: runs}, "real + synthetic": {k: runs}} of the default row over 04's k."""
+    accs = accuracies(recs.classifier)
+    if not accs:
+        return {}
+    default = getattr(recs.classifier, "default_row", DEFAULT_ROW)
+    out: dict[str, dict[int, list[Accuracy]]] = {"synthetic": {}, "real + synthetic": {}}
+    for a in accs:
+        if a.source == default:
+            out["synthetic"].setdefault(a.k, []).append(a)
+        elif a.source == f"real+{default}":
+            out["real + synthetic"].setdefault(a.k, []).append(a)
+    return {n: dict(sorted(v.items())) for n, v in out.items()}
+
+
+def table3(recs: RunRecords, paper: PaperNumbers) -> Table:
+    """Table 3: top-1 / top-5 against k (synthetic only) and real only, beside the paper's ImageNet-1K."""
+    t = Table("table3", "Table 3: scaling the synthetic data, k x the real train size",
+              ["row", "k", "n_train", "this run: top-1 %", "this run: top-5 %", "paper IN-1K top-1",
+               "paper IN-1K top-5"])
+    pts = scale_points(recs)
+    if not pts:
+        t.missing = not_measured("04_train_classifier")
+        return t
+    for k, runs in pts["synthetic"].items():
+        t.rows.append([f"synthetic k={k}", k, runs[0].n_train, estimate(runs).fmt(), estimate(runs, "top5").fmt(),
+                       _paper(paper, "table3", "IN-1K top-1", f"synthetic k={k}"),
+                       _paper(paper, "table3", "IN-1K top-5", f"synthetic k={k}")])
+    real = select(accuracies(recs.classifier), "real", 0)
+    t.rows.append(["real only", 0, real[0].n_train if real else "-", estimate(real).fmt(),
+                   estimate(real, "top5").fmt(), _paper(paper, "table3", "IN-1K top-1", "real only"),
+                   _paper(paper, "table3", "IN-1K top-5", "real only")])
+    t.notes.append("the paper's Table 3 is ImageNet-1K only (ResNet-50); Fig. 2's crossovers for IN-10 / IN-100 are "
+                   "in the scaling claim.")
+    return t
+
+
+# 05's OOD set -> the paper's Table 4 column it stands for (miniature variant or the ImageNet set itself)
+OOD_COLUMNS = {"v2-like": "ImageNet-v2", "imagenet-v2": "ImageNet-v2", "sketch": "ImageNet-Sketch",
+               "imagenet-sketch": "ImageNet-Sketch", "rendition": "ImageNet-R", "imagenet-r": "ImageNet-R",
+               "hard": "ImageNet-A", "imagenet-a": "ImageNet-A"}
+
+
+def ood_rows(rec: Any) -> dict[str, tuple[str, int, str]]:
+    """Table 4's rows as 05 measured them: {label: (source, k, paper row)}: the default set at each k
+    (``OURS``, ``OURS x2``, ...), real only, real + the default set."""
+    default = rec.default_set
+    keys = list(dict.fromkeys((r.source, r.k) for r in rec.results))
+    out: dict[str, tuple[str, int, str]] = {}
+    for source, k in sorted((sk for sk in keys if sk[0] == default), key=lambda sk: sk[1]):
+        out[f"synthetic k={k} ({source})"] = (source, k, "OURS" if k == 1 else f"OURS x{k}")
+    for source, k in keys:
+        if source == "real":
+            out["real only"] = (source, k, "real only")
+        elif source == f"real+{default}":
+            out[f"real + synthetic k={k}"] = (source, k, "OURS + real" if k == 1 else "")
+    return out
+
+
+def table4(recs: RunRecords, paper: PaperNumbers) -> Table:
+    """Table 4: top-1 / top-5 of 04's classifiers on 05's OOD sets (05's own seed summaries), each
+    beside the paper's cell of the same row in the ImageNet set the variant stands for."""
+    t = Table("table4", "Table 4: out-of-distribution accuracy, top-1 / top-5 % (paper beside each)", [])
+    rec = recs.ood
+    if rec is None:
+        t.missing = not_measured("05_ood_eval")
+        return t
+    sets = rec.ood_sets
+    t.headers = ["row"] + [f"{s} (paper: {OOD_COLUMNS.get(s, '-')})" for s in sets]
+    for label, (source, k, prow) in ood_rows(rec).items():
+        cells: list[Any] = [label]
+        for s in sets:
+            l1, l5 = rec.line(source, k, s, "top1"), rec.line(source, k, s, "top5")
+            col = OOD_COLUMNS.get(s)
+            p1 = _paper(paper, "table4", f"{col} top-1", prow) if col and prow else "-"
+            p5 = _paper(paper, "table4", f"{col} top-5", prow) if col and prow else "-"
+            cells.append(f"{l1.fmt().strip() if l1 else '-'} / {l5.fmt().strip() if l5 else '-'} (paper {p1} / {p5})")
+        t.rows.append(cells)
+    t.notes += [f"{name}: {what}" for name, what in rec.sets.items()]
+    t.notes.append("paper: Table 4, ResNet-50 trained on ImageNet-1K data (synthetic k x or real).")
+    return t
+
+
+def all_tables(recs: RunRecords, paper: PaperNumbers, preset: str) -> dict[str, Table]:
+    return {"table1": table1(recs, paper, preset), "table2": table2(recs, paper), "table3": table3(recs, paper),
+            "table4": table4(recs, paper)}
+
+
+# --------------------------------------------------------------------------------------------- markdown
+def _md_cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.2f}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown(table: Table) -> str:
+    """A :class:`Table` as a GitHub markdown table, with its notes and a missing-input line."""
+    lines = [f"**{table.title}**", ""]
+    if table.missing:
+        lines.append(f"_{table.missing}_")
+    if table.rows:
+        lines.append("| " + " | ".join(_md_cell(h) for h in table.headers) + " |")
+        lines.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(table.headers))) + "|")
+        for row in table.rows:
+            cells = [_md_cell(c) for c in row] + [""] * (len(table.headers) - len(row))
+            lines.append("| " + " | ".join(cells) + " |")
+    for note in table.notes:
+        lines += ["", f"_{note}_"]
+    return "\n".join(lines) + "\n"
