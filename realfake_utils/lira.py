@@ -765,13 +765,34 @@ class SyntheticTarget:
 
 
 def member_finetune_config(run: Any, variant: str, output_dir: str | os.PathLike):
-    """02's resolved fine-tuning configuration of ``variant``, from 02's record (never rebuilt from
-    parameters): only the output folder differs, the training data is the members (given to the
-    trainer, not part of the config)."""
+    """02's resolved fine-tuning configuration of ``variant``, from 02's record
+    (``FinetuneRecord.config_of`` -> ``FinetuneConfig.from_record``, never rebuilt from parameters):
+    only the output folder differs; the training data (the members) is given to the trainer."""
     from .finetune import FinetuneConfig, FinetuneRecord
 
     rec = FinetuneRecord.load(run)
     return FinetuneConfig.from_record(rec.config_of(variant), variant=variant, output_dir=str(output_dir))
+
+
+def members_train_set(run: Any, private: PrivateData):
+    """02's training data (``artifacts/lora/train_set.safetensors``: images, prompts, CLIP embeddings as
+    02 trained on them) restricted to the members."""
+    from . import finetune as ft
+
+    path = _run_root(run) / "artifacts" / "lora" / ft.TRAIN_SET_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: run 02_finetune first (06 fine-tunes on the "
+                                "members of exactly the training data 02 used)")
+    ts = ft.load_train_set(path)
+    pos = {i: j for j, i in enumerate(ts.ids)}
+    missing = [i for i, m in zip(private.ids, private.member) if m and i not in pos]
+    if missing:
+        raise ValueError(f"{len(missing)} members (e.g. {missing[0]}) are not in 02's train set {path}: "
+                         "02 ran on another split; rerun 02_finetune")
+    sel = [pos[i] for i, m in zip(private.ids, private.member) if m]
+    return ft.TrainSet(images=ts.images[sel], prompts=[ts.prompts[j] for j in sel], labels=ts.labels[sel],
+                       image_embeds=None if ts.image_embeds is None else ts.image_embeds[sel],
+                       ids=[ts.ids[j] for j in sel], class_names=ts.class_names)
 
 
 def _base_identity(base_model: str) -> str:
@@ -780,68 +801,70 @@ def _base_identity(base_model: str) -> str:
 
 
 def synthetic_target(run: Any, private: PrivateData, recipe: dict[str, Any], seed: int = 0,
-                     device: str = "auto", set_name: str = "", num_processes: int = 0) -> SyntheticTarget:
+                     device: str = "auto", set_name: str = "") -> SyntheticTarget:
     """Sec. 4.5 target (b): "We only employ LoRA to finetune the diffusion model on the member data,
     then generate synthetic data of equal size. Subsequently, we train a ResNet50 on synthetic data."
 
-    The member LoRA is trained with 02's resolved configuration of the variant behind 03's default set
-    (``set_name`` overrides it), read from 02's record (:func:`member_finetune_config`); the synthetic set
-    is made with 03's settings of that set (its builder, via 03's record), the member LoRA in place of
-    02's and the members as the only sources (k = 1: one image per member; guidance features from the
-    members only). Then a classifier with ``recipe`` on that set, queried on all private data.
-    Everything lives in ``artifacts/lira/synthetic_<content_hash>`` (the hash covers the private split,
-    both configurations, the base model's content and the recipe); each stage resumes.
+    The set whose recipe is repeated: 03's default set (``set_name`` overrides it), from 03's record.
+    1. the LoRA variant behind it, trained on the members with 02's resolved configuration from 02's
+       record (:func:`member_finetune_config`; same trainer ``finetune.launch_training``, same process
+       count), on 02's training data restricted to the members (:func:`members_train_set`);
+    2. one synthetic image per member (k = 1, "of equal size") with 03's settings of that set
+       (``synthesize.member_settings``: the member LoRA swapped in) and guidance features from the
+       members only (``synthesize.synthesize_members``);
+    3. a classifier with ``recipe`` on that set, queried on all private data.
+    Folder ``artifacts/lira/synthetic_<content_hash>`` (the hash covers the private split, both
+    configurations, the base model's content and the recipe); every stage resumes.
     """
+    import torch
+
     from . import finetune as ft
     from . import synthesize as syn
 
     plan = syn.SynthesisRecord.load(run)
-    row_set = plan.set_named(set_name) if set_name else plan.default()
-    variant = syn.lora_variant(row_set.row)
-    if not row_set.row.get("finetune"):
-        return SyntheticTarget(None, SyntheticInfo(False, f"not run: set {row_set.name} uses no LoRA "
-                                                          "(nothing to fine-tune on the members)"))
+    target_set = plan.set_named(set_name) if set_name else plan.default()
+    variant = target_set.variant
+    if not target_set.row.get("finetune"):
+        return SyntheticTarget(None, SyntheticInfo(False, f"not run: set {target_set.name} uses no LoRA "
+                                                          "(nothing to fine-tune on the members)",
+                                                   set_name=target_set.name, lora_variant=variant))
     root = lira_root(run)
-    probe = member_finetune_config(run, variant, root / "probe")
-    settings = syn.member_settings(run, row_set.name, lora_dir="")   # 03's settings of that set
-    unit = {"private": private.key(), "finetune": probe.hashed_dict(), "base": _base_identity(probe.base_model),
-            "synthesis": {k: v for k, v in dataclasses.asdict(settings).items()
-                          if k not in ("base_model", "lora_dir", "lora_name")},
+    probe_cfg = member_finetune_config(run, variant, "")
+    probe_st = syn.member_settings(run, target_set.name, lora_dir="")
+    unit = {"private": private.key(), "finetune": probe_cfg.hashed_dict(),
+            "base": _base_identity(probe_cfg.base_model),
+            "synthesis": {k: v for k, v in probe_st.to_dict().items() if k not in ("base_model", "lora_dir", "lora_name")},
             "recipe": recipe, "seed": int(seed)}
     tag = content_hash(unit)
     folder = root / f"synthetic_{tag}"
-    # 1. LoRA on the members, with 02's configuration
+    # 1. LoRA on the members, with 02's configuration and process count
     cfg = member_finetune_config(run, variant, folder / "lora")
-    ts = ft.load_train_set(ft.build_train_set(_run_root(run), private.image_size, device=device))
-    pos = {i: j for j, i in enumerate(ts.ids)}
-    members = [pos[i] for i, m in zip(private.ids, private.member) if m]
-    ts_m = ft.TrainSet(images=ts.images[members], prompts=[ts.prompts[j] for j in members],
-                       labels=ts.labels[members], image_embeds=ts.image_embeds[members],
-                       ids=[ts.ids[j] for j in members], class_names=ts.class_names)
-    ts_path = ft.save_train_set(folder / "members_train_set.safetensors", ts_m) \
-        if not (folder / "members_train_set.safetensors").exists() else folder / "members_train_set.safetensors"
-    ft.launch_training(cfg, ts_path, num_processes or None)
+    ts_m = members_train_set(run, private)
+    ts_path = folder / "members_train_set.safetensors"
+    if not ts_path.exists() or ft.load_train_set(ts_path).fingerprint() != ts_m.fingerprint():
+        ft.save_train_set(ts_path, ts_m)
+    nproc = ft.FinetuneRecord.load(run).variants[variant].num_processes
+    ft.launch_training(cfg, ts_path, nproc or None)
     # 2. one synthetic image per member, with 03's settings of the set and the member LoRA
     member_rows = [dict(r, split="train") for r, m in zip(private.rows, private.member) if m]
     manifest = data.write_manifest(member_rows, folder / "members" / "manifest.csv")
-    settings = syn.member_settings(run, row_set.name, lora_dir=str(folder / "lora"))
+    settings = syn.member_settings(run, target_set.name, lora_dir=str(folder / "lora"))
     set_dir = folder / "set"
     syn.synthesize_members(run, set_dir, settings, manifest, ts_m, device=device)
-    srows = syn.read_synthetic_manifest(set_dir)
-    import torch
-
-    syn_images = data.load_images([{"id": r["file"], "path": str(set_dir / r["file"]), "index": i}
-                                   for i, r in enumerate(srows)], private.image_size)
+    srows = syn.image_set_rows(set_dir)
+    syn_images = data.load_images(srows, private.image_size)
     syn_labels = torch.tensor([int(r["label"]) for r in srows])
     # 3. the classifier on the synthetic set, queried on all private data
     scores = scored_target(folder / "target", tag, syn_images, syn_labels, private.images,
                            _to_numpy(private.labels), len(private.class_names), recipe,
                            seed=seed + 20_000, device=device)
-    info = SyntheticInfo(True, f"ran: {len(srows)} synthetic images ({row_set.name} recipe) from a LoRA "
-                               f"({variant}) fine-tuned on {len(members)} members",
-                         set_name=row_set.name, lora_variant=variant, n_synthetic=len(srows),
-                         finetune_config=cfg.to_dict() | {"output_dir": _rel(run, Path(cfg.output_dir))},
-                         synthesis_settings=dataclasses.asdict(settings) | {"lora_dir": _rel(run, folder / "lora")},
+    info = SyntheticInfo(True, f"ran: {len(srows)} synthetic images ({target_set.name} recipe of 03) from a "
+                               f"LoRA ({variant}, 02's configuration) fine-tuned on {len(ts_m)} members",
+                         set_name=target_set.name, lora_variant=variant, n_synthetic=len(srows),
+                         finetune_config=cfg.to_dict() | {"output_dir": _rel(run, Path(cfg.output_dir)),
+                                                          "base_model": _rel(run, Path(cfg.base_model))},
+                         synthesis_settings=settings.to_dict() | {"lora_dir": _rel(run, folder / "lora"),
+                                                                  "base_model": _rel(run, Path(settings.base_model))},
                          folder=_rel(run, folder))
     return SyntheticTarget(scores, info)
 
