@@ -194,3 +194,15 @@ def test_report_record_round_trip_markdown_and_readme(tmp_path, paper):
     assert (tmp_path / "docs" / "results-digits.md").exists() and len(written) == 2
     with pytest.raises(ValueError, match="markers"):
         report.replace_section("no markers", "x")
+
+
+def test_readme_is_short_and_has_its_generated_sections():
+    from realfake_utils.params import REPO_ROOT
+
+    text = (REPO_ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 160
+    assert text.count(report.RESULTS_START) == 1 and text.count(report.RESULTS_END) == 1
+    assert text.count("<!-- paper-vs-official:start -->") == 1
+    assert report.replace_section(text, report.RESULTS_START + "\nX\n" + report.RESULTS_END).count("\nX\n") == 1
+    for link in ("docs/manual.md", "docs/scale-out.md", "docs/paper-shapes.md", "DEVELOPING.md"):
+        assert link in text
