@@ -15,9 +15,9 @@ import pytest
 import yaml
 
 from realfake_utils import classify, params
-from realfake_utils import report
 
 REPO = Path(__file__).resolve().parent.parent
+PAPER_NUMBERS = REPO / "realfake_utils" / "resources" / "paper_numbers.yaml"
 PAPER_PRESETS = ["imagenette", "imagenet100", "imagenet1k", "cub", "cars", "pets", "eurosat"]
 NINE_ROWS = ["base-novg-t2i", "lora-nodm-novg-t2i", "lora-nodm-vg-t2i", "lora-dm-novg-t2i", "lora-dm-vg-t2i",
              "base-novg-lp", "lora-nodm-vg-lp", "lora-dm-novg-lp", "lora-dm-vg-lp"]
@@ -84,6 +84,12 @@ PVO_KEYS = {
 }
 
 
+def _paper_numbers() -> dict:
+    data = yaml.safe_load(PAPER_NUMBERS.read_text())
+    assert data["schema_version"] == 2
+    return data
+
+
 def _raw(name: str) -> dict:
     return yaml.safe_load((REPO / "params" / f"{name}.yaml").read_text()) or {}
 
@@ -123,7 +129,7 @@ def test_recipes_follow_table8_cell_by_cell(recipe):
         assert r[key] == want, f"recipe {recipe}: {key} = {r[key]!r}, Table 8 column '{column}' says {want!r}"
     assert "Table 8" in r["sources"]["table8"] and column in r["sources"]["table8"]
     # the two transcriptions agree (paper_numbers.yaml's hyperparameters.table8)
-    t8 = report.load_paper_numbers()["hyperparameters"]["table8"][column]
+    t8 = _paper_numbers()["hyperparameters"]["table8"][column]
     assert (t8["train_res"], t8["test_res"], t8["epochs"], t8["global_batch_size"], t8["lr"], t8["weight_decay"]) == \
         (r["train_size"], r["test_size"], r["epochs"], r["global_batch_size"], r["lr"], r["weight_decay"])
     assert t8["global_batch_size"] == eval(t8["batch_size"].replace("x", "*"))
@@ -157,7 +163,7 @@ def test_official_presets_differ_only_where_paper_vs_official_says(name):
 
 
 def test_paper_numbers_are_complete():
-    pn = report.load_paper_numbers()
+    pn = _paper_numbers()
     t = pn["tables"]
     count = {name: sum(len(rows) for rows in t[name].values()) for name in ("table1", "table2", "table3", "table4")}
     assert count == {"table1": 47, "table2": 18, "table3": 10, "table4": 56}
@@ -185,7 +191,7 @@ def test_paper_numbers_are_complete():
 
 
 def test_table2_names_are_the_switches():
-    for col, rows in report.load_paper_numbers()["tables"]["table2"].items():
+    for col, rows in _paper_numbers()["tables"]["table2"].items():
         for name, e in rows.items():
             sw = e["switches"]
             assert name.startswith("lora-") == sw["finetune"]
@@ -199,7 +205,7 @@ def _cell(t: dict, path: str) -> float:
 
 
 def test_text_numbers_agree_with_the_tables_or_are_flagged():
-    pn = report.load_paper_numbers()
+    pn = _paper_numbers()
     for key, e in pn["text_numbers"].items():
         if not e.get("equals"):
             continue
