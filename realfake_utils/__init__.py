@@ -9,18 +9,28 @@ from __future__ import annotations
 from typing import Any
 
 from .params import ParamError, setup_notebook
-from .rundir import RunDir, seed_everything
+from .rundir import LOCK_TOKEN_ENV, RunDir, RunFolderBusy, lock_run_folder, seed_everything
 
 __version__ = "0.1.0"
 
 
 def setup(ns: dict[str, Any], notebook: str) -> RunDir:
     """First call of every notebook: apply the preset (see :func:`params.setup_notebook`), seed
-    everything with ``seed`` if the notebook has one, and return the run folder."""
+    everything with ``seed`` if the notebook has one, take the run folder's lock for the kernel's
+    lifetime (shared with the `realfake run` that started this kernel, via ``$REALFAKE_LOCK_TOKEN``;
+    refused while another run or kernel writes the folder) and return the run folder."""
+    import os
+
     params = setup_notebook(ns, notebook)
     if "seed" in params:
         seed_everything(int(params["seed"]))
-    return RunDir(ns.get("preset", "digits"), ns.get("run_dir", ""), notebook)
+    run = RunDir(ns.get("preset", "digits"), ns.get("run_dir", ""), notebook)
+    try:
+        run.lock = lock_run_folder(run.root, role="kernel", token=os.environ.get(LOCK_TOKEN_ENV) or None,
+                                   wait_s=10.0)
+    except RunFolderBusy as err:
+        raise RunFolderBusy(f"{notebook}: {err}") from None
+    return run
 
 
-__all__ = ["ParamError", "RunDir", "seed_everything", "setup", "setup_notebook"]
+__all__ = ["ParamError", "RunDir", "RunFolderBusy", "seed_everything", "setup", "setup_notebook"]

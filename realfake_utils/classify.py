@@ -36,7 +36,7 @@ from PIL import Image
 
 from .data import resize_center_crop
 from .params import REPO_ROOT
-from .rundir import atomic_path, read_json, unit_finished, write_json
+from .rundir import atomic_path, confine, read_json, unit_finished, write_json
 
 RECIPE_DIR = REPO_ROOT / "params" / "recipes"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -154,7 +154,7 @@ def read_image_set(set_dir: str | os.PathLike) -> list[dict[str, Any]]:
     for line in manifest.read_text().splitlines():
         if line.strip():
             row = json.loads(line)
-            row["path"] = str(set_dir / row["file"])
+            row["path"] = str(confine(set_dir, str(row["file"]), what=f"{manifest}: file"))  # no ../ or /abs
             rows.append(row)
     return rows
 
@@ -343,7 +343,7 @@ def train_classifier(out_dir: str | os.PathLike, train_set: torch.utils.data.Dat
     start_epoch, history, elapsed = 0, [], 0.0
     ckpt = out_dir / "last.pt"
     if ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history, elapsed = state["epoch"], state["history"], state["elapsed"]
@@ -402,7 +402,7 @@ def train_classifier(out_dir: str | os.PathLike, train_set: torch.utils.data.Dat
 
 def load_classifier(run_dir: str | os.PathLike, device: str = "cpu") -> Classifier:
     """Rebuild a finished classifier from ``model.pt`` (eval mode)."""
-    state = torch.load(Path(run_dir) / "model.pt", map_location="cpu", weights_only=False)
+    state = torch.load(Path(run_dir) / "model.pt", map_location="cpu", weights_only=True)
     recipe = dict(state["recipe"], pretrained=False)
     model = build_model(recipe, state["num_classes"])
     model.load_state_dict(state["model"])

@@ -167,9 +167,10 @@ def save_feature_cache(cache_path: str | os.PathLike, ids: list[str], feats: tor
 
 
 def model_fingerprint(model: Any) -> str:
-    """Identity of a model for caches: the id, or for a local folder its path plus a digest of its
-    config and weight files (size and first/last MiB), so a retrained model at the same path is a
-    different model."""
+    """Identity of a model for caches, from its content, never its location: a hub id as is; a local
+    folder as ``local#<digest>`` of its config and weight files (names relative to the folder, sizes,
+    first/last MiB), so a moved or copied run folder keeps its caches and a retrained model in the same
+    place is another model."""
     import hashlib
 
     if isinstance(model, (str, os.PathLike)):
@@ -191,7 +192,7 @@ def model_fingerprint(model: Any) -> str:
             if size > 2 << 20:
                 fh.seek(-(1 << 20), os.SEEK_END)
                 h.update(fh.read())
-    return f"{name}#{h.hexdigest()[:16]}"
+    return f"local#{h.hexdigest()[:16]}"
 
 
 def extract_clip_features(model: Any, images: Sequence[Any], ids: Sequence[str],

@@ -325,7 +325,7 @@ def train_loop(model: torch.nn.Module, loss_fn: Callable[[int, torch.Generator],
     start = 0
     ckpt = Path(ckpt) if ckpt else None
     if ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
         if state.get("steps") == steps:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -70,7 +69,9 @@ def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
     A killed build never leaves a half-written model under the final name."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    from .rundir import make_temp_dir  # mkdtemp's 0700 would end up as the model folder's mode
+
+    tmp = make_temp_dir(f".{out_dir.name}.", out_dir.parent)
     try:
         yield tmp
         if out_dir.exists():

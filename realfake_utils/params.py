@@ -61,26 +61,50 @@ def notebook_defaults(notebook: str) -> dict[str, Any]:
     return dict(_inspect(str(path), path.stat().st_mtime))
 
 
+def read_preset_file(path: Path) -> dict[str, Any]:
+    """One preset file parsed, or :class:`ParamError` in one line naming the file (and the YAML line)."""
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ParamError(f"{path}:{where}: not valid YAML ({problem}); fix or remove the file") from None
+    except OSError as err:
+        raise ParamError(f"{path}: cannot read ({err.strerror})") from None
+    if not isinstance(raw, dict):
+        raise ParamError(f"{path}: a preset is a mapping of sections (extends, description, shared, "
+                         f"NN_notebook: ...), not a {type(raw).__name__}")
+    return raw
+
+
 def list_presets() -> dict[str, str]:
-    """Preset name -> one-line description (files starting with ``_`` are building blocks)."""
+    """Preset name -> one-line description (files starting with ``_`` are building blocks). A file that
+    cannot be parsed is listed with ``BROKEN: <reason>`` instead of breaking the listing."""
     out = {}
     for p in sorted(PRESET_DIR.glob("*.yaml")):
         if not p.name.startswith("_"):
-            out[p.stem] = (yaml.safe_load(p.read_text()) or {}).get("description", "").strip()
+            try:
+                desc = read_preset_file(p).get("description", "")
+                out[p.stem] = str(desc or "").strip()
+            except ParamError as err:
+                out[p.stem] = f"BROKEN: {err}"
     return out
+
+
+def _preset_names() -> str:
+    return ", ".join(n for n, d in list_presets().items() if not d.startswith("BROKEN:"))
 
 
 def load_layers(name: str, _seen: tuple = ()) -> list[tuple[str, dict[str, dict[str, Any]]]]:
     """The ``extends`` chain of a preset, base first: [(file name, {section: {key: value}}), ...]."""
     path = PRESET_DIR / f"{name}.yaml"
     if not path.exists():
-        known = ", ".join(list_presets())
+        known = _preset_names()
         raise ParamError(f"unknown preset '{name}'. Known presets: {known} (files in {PRESET_DIR})")
     if name in _seen:
         raise ParamError(f"preset '{name}' extends itself through {' -> '.join(_seen)}")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ParamError(f"{path}: a preset is a mapping of sections")
+    raw = read_preset_file(path)
     layers = load_layers(raw["extends"], _seen + (name,)) if raw.get("extends") else []
     sections = {}
     for section, values in raw.items():
@@ -130,8 +154,115 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         if "=" not in item:
             raise ParamError(f"-p expects key=value, got '{item}'")
         key, text = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(text) if text.strip() else ""
+        try:
+            out[key.strip()] = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ParamError(f"-p {key.strip()}={text}: the value of '{key.strip()}' is not valid YAML "
+                             f"({problem}); quote lists, e.g. -p '{key.strip()}=[1, 2]'") from None
     return out
+
+
+# ------------------------------------------------------------------------------------------ schema
+SCHEMA_FILE = "_schema.yaml"
+_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str, "list": (list, tuple), "dict": dict}
+
+
+def load_schema() -> dict[str, dict[str, Any]]:
+    """``params/_schema.yaml``: parameter name (or ``NN_name.key``) -> {type, min, max, gt, choices,
+    elements, non_empty}."""
+    path = PRESET_DIR / SCHEMA_FILE
+    if not path.exists():
+        return {}
+    return _load_schema(str(path), path.stat().st_mtime)
+
+
+@lru_cache(maxsize=None)
+def _load_schema(path: str, mtime: float) -> dict[str, dict[str, Any]]:
+    raw = read_preset_file(Path(path))
+    for key, entry in raw.items():
+        if not isinstance(entry, dict):
+            raise ParamError(f"{path}: entry '{key}' must be a mapping such as {{type: int, min: 1}}")
+    return raw
+
+
+def schema_entry(notebook: str, key: str, schema: dict | None = None) -> dict[str, Any] | None:
+    schema = load_schema() if schema is None else schema
+    return schema.get(f"{notebook}.{key}", schema.get(key))
+
+
+def _is(value: Any, tname: str) -> bool:
+    if tname in ("any", None):
+        return True
+    if tname in ("int", "float") and isinstance(value, bool):
+        return False
+    return isinstance(value, _TYPES.get(tname, object))
+
+
+def _scalar_problem(value: Any, entry: dict[str, Any], tname: str | None) -> str | None:
+    if tname and not _is(value, tname):
+        return f"{value!r} is not a{'n' if tname[0] in 'aeiou' else ''} {tname}"
+    if "choices" in entry and value not in entry["choices"]:
+        return f"{value!r} is not one of {entry['choices']}"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if "min" in entry and value < entry["min"]:
+            return f"{value!r} is below the minimum {entry['min']}"
+        if "max" in entry and value > entry["max"]:
+            return f"{value!r} is above the maximum {entry['max']}"
+        if "gt" in entry and not value > entry["gt"]:
+            return f"{value!r} must be greater than {entry['gt']}"
+    return None
+
+
+def _allowed(entry: dict[str, Any]) -> str:
+    parts = [entry.get("type", "any")]
+    if entry.get("elements"):
+        parts[0] += f" of {entry['elements']}"
+    if entry.get("non_empty"):
+        parts.append("non-empty")
+    if "choices" in entry:
+        parts.append(f"one of {entry['choices']}")
+    lo = f">= {entry['min']}" if "min" in entry else f"> {entry['gt']}" if "gt" in entry else ""
+    if lo:
+        parts.append(lo)
+    if "max" in entry:
+        parts.append(f"<= {entry['max']}")
+    return ", ".join(parts)
+
+
+def check_value(notebook: str, key: str, value: Any, origin: str, schema: dict | None = None) -> None:
+    """Refuse a value of the right type but the wrong content (range, list elements, choices, empty
+    list) with one line naming the key, notebook, value and what is allowed. Entries whose ``type``
+    disagrees with the value's type are skipped here (the default's type decides; a test flags the
+    schema entry)."""
+    entry = schema_entry(notebook, key, schema)
+    if not entry or value is None:
+        return
+    tname = entry.get("type", "any")
+    if not _is(value, tname):
+        return
+    problem = None
+    if tname == "list":
+        if entry.get("non_empty") and len(value) == 0:
+            problem = "the list is empty"
+        else:
+            for i, v in enumerate(value):
+                p = _scalar_problem(v, entry, entry.get("elements"))
+                if p:
+                    problem = f"element {i}: {p}"
+                    break
+    elif tname != "any":
+        problem = _scalar_problem(value, entry, tname)
+    if problem:
+        raise ParamError(f"{origin}: parameter '{key}' of notebook {notebook} = {value!r}: {problem}; "
+                         f"allowed: {_allowed(entry)} (params/{SCHEMA_FILE})")
+
+
+def _close(key: str, known: set[str]) -> str:
+    import difflib
+
+    hits = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.6)
+    return f" (did you mean {', '.join(repr(h) for h in hits)}?)" if hits else " (`realfake show digits` lists them)"
 
 
 def resolve(preset: str, overrides: dict[str, Any] | None = None,
@@ -153,7 +284,7 @@ def resolve(preset: str, overrides: dict[str, Any] | None = None,
                 for key in values:
                     if key not in declared:
                         raise ParamError(f"{origin}: shared parameter '{key}' is not a parameter of any "
-                                         f"notebook; check the spelling (known: {sorted(declared)})")
+                                         f"notebook; check the spelling{_close(key, declared)}")
             elif section not in defaults:
                 raise ParamError(f"{origin}: section '{section}' is not a notebook; notebooks: {all_nbs}")
             else:
@@ -165,7 +296,7 @@ def resolve(preset: str, overrides: dict[str, Any] | None = None,
     for key in overrides:
         if key not in declared:
             raise ParamError(f"-p {key}=...: '{key}' is not a parameter of any notebook; "
-                             f"check the spelling (known: {sorted(declared)})")
+                             f"check the spelling{_close(key, declared)}")
     if "data_root" not in overrides and os.environ.get("REALFAKE_DATA") and "data_root" in declared:
         overrides["data_root"] = os.environ["REALFAKE_DATA"]
     out = {}
@@ -176,11 +307,20 @@ def resolve(preset: str, overrides: dict[str, Any] | None = None,
                 for key, value in sections.get(source, {}).items():
                     if key in params:
                         params[key] = _check(nb, key, defaults[nb][key], value, f"{origin} [{source}]")
+        origins = {}
+        for origin, sections in layers:
+            for source in ("shared", nb):
+                for key in sections.get(source, {}):
+                    origins[key] = f"{origin} [{source}]"
         for key, value in overrides.items():
             if key in params:
                 params[key] = _check(nb, key, defaults[nb][key], value, f"-p {key}")
+                origins[key] = f"-p {key}"
         if "preset" in params:
             params["preset"] = preset
+        schema = load_schema()
+        for key, value in params.items():
+            check_value(nb, key, value, origins.get(key, f"notebooks/{nb} parameters cell"), schema)
         out[nb] = params
     return out
 
@@ -205,5 +345,6 @@ def setup_notebook(ns: dict[str, Any], notebook: str) -> dict[str, Any]:
                 ns[key] = resolved[key]
             else:
                 ns[key] = _check(notebook, key, default, ns[key], "parameters cell")
+                check_value(notebook, key, ns[key], "parameters cell")
         ns["preset"] = preset
     return {key: ns[key] for key in defaults}

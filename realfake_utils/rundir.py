@@ -11,6 +11,7 @@ runs/<preset>/
 """
 from __future__ import annotations
 
+import atexit
 import fcntl
 import hashlib
 import json
@@ -328,6 +329,7 @@ def lock_run_folder(root: str | os.PathLike, role: str = "run", token: str | Non
             if fd < 0:
                 time.sleep(0.1)
     _HELD[key] = lock
+    atexit.register(lock.release)   # a normal exit clears the record; only a killed process leaves one
     return lock
 
 

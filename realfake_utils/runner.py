@@ -9,6 +9,8 @@ Everything is validated (preset, parameter names, types) before the first notebo
 from __future__ import annotations
 
 import argparse
+import csv
+import errno
 import os
 import sys
 import time
@@ -19,7 +21,7 @@ import yaml
 
 from . import params as _params
 from .params import ParamError, list_presets, notebook_names, parse_overrides, resolve
-from .rundir import RunDir
+from .rundir import LOCK_TOKEN_ENV, RunDir, RunFolderBusy, lock_run_folder
 
 KERNEL = "realfake-kit"
 
@@ -54,19 +56,66 @@ def run(preset: str, only: str | None = None, start: str | None = None,
         overrides: dict | None = None, run_dir: str = "") -> RunDir:
     """Validate everything, then execute the selected notebooks in order into the run folder."""
     notebooks = select_notebooks(only, start)
+    overrides = dict(overrides or {})
+    if overrides.get("run_dir"):  # `-p run_dir=X` is `--run-dir X` (else notebooks and logs would split)
+        given = str(overrides.pop("run_dir"))
+        if run_dir and Path(run_dir).resolve() != Path(given).resolve():
+            raise ParamError(f"-p run_dir={given} and --run-dir {run_dir} disagree; give the run folder once, "
+                             "with --run-dir")
+        run_dir = given
     if run_dir:
-        overrides = {**(overrides or {}), "run_dir": str(Path(run_dir).resolve())}
+        overrides["run_dir"] = str(Path(run_dir).resolve())
     params = resolve(preset, overrides, notebooks)  # raises before any compute
-    run_folder = RunDir(preset, run_dir)
-    previous = os.environ.get("REALFAKE_RUNNER")
+    try:
+        run_folder = RunDir(preset, run_dir)
+        lock = lock_run_folder(run_folder.root, role="run")
+    except RunFolderBusy as err:
+        raise ParamError(str(err)) from None
+    except OSError as err:
+        raise ParamError(_os_error_line(err, Path(run_dir or f"runs/{preset}"))) from None
+    if lock.took_over:
+        print(f"realfake run: took over the lock of PID {lock.took_over}, which is no longer running "
+              f"({lock.path})", file=sys.stderr, flush=True)
+    saved = {k: os.environ.get(k) for k in ("REALFAKE_RUNNER", LOCK_TOKEN_ENV)}
     os.environ["REALFAKE_RUNNER"] = "1"  # the kernel inherits it: notebooks keep injected values
+    os.environ[LOCK_TOKEN_ENV] = lock.token  # ... and this token: its rf.setup joins this run's lock
     try:
         return _execute(notebooks, params, run_folder, preset)
     finally:
-        if previous is None:
-            os.environ.pop("REALFAKE_RUNNER", None)
-        else:
-            os.environ["REALFAKE_RUNNER"] = previous
+        lock.release()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+_FIXES = {
+    errno.ENOSPC: "free space on that disk or choose a run folder on another disk (--run-dir)",
+    errno.EDQUOT: "free space within your quota or choose another run folder (--run-dir)",
+    errno.EROFS: "the file system is read-only: choose a writable run folder (--run-dir)",
+    errno.EACCES: "make the run folder writable for you (chmod / chown) or choose another (--run-dir)",
+    errno.EPERM: "make the run folder writable for you (chmod / chown) or choose another (--run-dir)",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another run folder (--run-dir)",
+}
+
+
+def _os_error_line(err: OSError, fallback: Path) -> str:
+    """One line for an error from the machine: what, which path, and the fix."""
+    path = err.filename or fallback
+    fix = _FIXES.get(err.errno or 0, "check the path and the disk, then rerun (finished work is kept)")
+    return f"cannot write {path}: {err.strerror or err} ({errno.errorcode.get(err.errno or 0, 'OSError')}); {fix}"
+
+
+def excluded_note(run_folder: RunDir) -> str:
+    """``"; N file(s) excluded, listed in <path>"`` when 01 excluded unreadable files, else ``""``."""
+    path = run_folder.artifacts / "data" / "excluded.csv"
+    try:
+        with open(path, newline="") as f:
+            n = sum(1 for _ in csv.DictReader(f))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return ""
+    return f"; {n} file(s) excluded, listed in {path}" if n else ""
 
 
 def _execute(notebooks: list[str], params: dict, run_folder: RunDir, preset: str) -> RunDir:
@@ -87,13 +136,30 @@ def _execute(notebooks: list[str], params: dict, run_folder: RunDir, preset: str
         except pm.PapermillExecutionError as err:
             dt = time.time() - t0
             print(f"FAILED after {dt:.0f}s", flush=True)
+            hint = ""
+            if err.ename in ("OSError", "PermissionError") and "No space left" in str(err.evalue):
+                hint = f"\n  {_FIXES[errno.ENOSPC]}"
             msg = (f"{nb} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
-                   f"  executed notebook with the traceback: {out}")
+                   f"  executed notebook with the traceback: {out}{hint}")
             _log(log, f"{nb} FAILED {dt:.1f}s: {err.ename}: {err.evalue}")
             raise SystemExit(msg) from None
+        except OSError as err:  # the machine: full disk, read-only or vanished folder, ...
+            dt = time.time() - t0
+            print(f"FAILED after {dt:.0f}s", flush=True)
+            line = _os_error_line(err, out)
+            _log(log, f"{nb} FAILED {dt:.1f}s: {line}")
+            raise SystemExit(f"{nb}: {line}") from None
+        except Exception as err:  # papermill / kernel start-up problems: one line, logged
+            dt = time.time() - t0
+            print(f"FAILED after {dt:.0f}s", flush=True)
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            _log(log, f"{nb} FAILED {dt:.1f}s: {type(err).__name__}: {first}")
+            raise SystemExit(f"{nb} failed: {type(err).__name__}: {first} (kernel output: "
+                             f"{run_folder.root / 'kernels.log'})") from None
         dt = time.time() - t0
-        print(f"ok ({dt:.0f}s)", flush=True)
-        _log(log, f"{nb} ok {dt:.1f}s params={params[nb]}")
+        note = excluded_note(run_folder) if nb.startswith("01_") else ""
+        print(f"ok ({dt:.0f}s){note}", flush=True)
+        _log(log, f"{nb} ok {dt:.1f}s{note} params={params[nb]}")
     total = time.time() - t_all
     print(f"done in {total / 60:.1f} min. Results: {run_folder.results}  Figures: {run_folder.figures}")
     report = run_folder.root / "REPORT.md"
@@ -119,8 +185,11 @@ def _stderr_to(path: Path):
 
 
 def _log(path: Path, line: str) -> None:
-    with open(path, "a") as f:
-        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+    try:
+        with open(path, "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+    except OSError as err:  # the log is on the same full / read-only disk: say so, do not mask the cause
+        print(f"realfake: could not append to {path}: {err.strerror}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .rundir import atomic_path, read_json, unit_finished, write_json
+from .rundir import atomic_path, confine, read_json, unit_finished, write_json
 
 SPEC = "synthesis.json"
 MANIFEST = "manifest.jsonl"
@@ -372,7 +372,8 @@ def synthetic_rows(set_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """Manifest rows in the data manifest's format (id, path, index, label, class_name, split="train"),
     for ``data.ImageDataset`` / ``data.load_images``."""
     set_dir = Path(set_dir).resolve()
-    return [{"id": f"syn/{r['file']}", "path": str(set_dir / r["file"]), "index": -1,
+    what = f"{set_dir / MANIFEST}: file"   # entries stay inside the set (no ../, no absolute paths)
+    return [{"id": f"syn/{r['file']}", "path": str(confine(set_dir, str(r["file"]), what)), "index": -1,
              "label": int(r["label"]), "class_name": r["class_name"], "split": "train"}
             for r in read_synthetic_manifest(set_dir)]
 

@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -132,19 +131,13 @@ def test_train_on_synthetic_folder_resumable_and_cached(tmp_path):
 
 
 KILL_SCRIPT = textwrap.dedent("""
-    import sys, time, torch
+    import sys, torch
     torch.set_num_threads(1)
     sys.path.insert(0, {tests!r})
     from test_classify import tiny_recipe
     from realfake_utils import classify as C
     r = tiny_recipe(epochs=12, lr=0.05)
-
-    class Slow(C.FileImages):  # slow each epoch down so the parent can kill it mid-training
-        def __getitem__(self, i):
-            time.sleep(0.01)
-            return super().__getitem__(i)
-
-    tr = Slow(C.read_image_set({syn!r}), 8)
+    tr = C.FileImages(C.read_image_set({syn!r}), 8)
     C.train_classifier({out!r}, tr, None, 2, r, seed=7, device="cpu")
 """)
 
@@ -156,29 +149,18 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     te = C.FileImages(C.read_image_set(syn), 8)
     killed = tmp_path / "killed"
     script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), syn=str(syn), out=str(killed))
-    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"})
-    ckpt = killed / "last.pt"
-    deadline = time.time() + 90
-    epoch = 0
-    while time.time() < deadline and proc.poll() is None:
-        if ckpt.exists():
-            try:
-                epoch = torch.load(ckpt, weights_only=False)["epoch"]
-            except Exception:
-                epoch = 0
-            if epoch >= 2:
-                break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert 2 <= epoch < 12, f"could not kill mid-training (epoch {epoch})"
+    # the child SIGKILLs itself right after the checkpoint of its 3rd epoch (rundir.unit_finished)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "REALFAKE_KILL_AFTER_UNITS": "epoch:3"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert torch.load(killed / "last.pt", weights_only=True)["epoch"] == 3
     assert not (killed / "metrics.json").exists()
     resumed = C.train_classifier(killed, tr, te, 2, recipe, seed=7, device="cpu")
     full = C.train_classifier(tmp_path / "full", tr, te, 2, recipe, seed=7, device="cpu")
     assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in full["history"]], rel=1e-4)
     assert resumed["top1"] == full["top1"] and resumed["confusion"] == full["confusion"]
-    a = torch.load(killed / "model.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "full" / "model.pt", weights_only=False)["model"]
+    a = torch.load(killed / "model.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "full" / "model.pt", weights_only=True)["model"]
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
 
 

@@ -85,7 +85,7 @@ def test_clip_features_cache_resume_equals_one_shot(tmp_path):
                                 progress=False)
     cached_ids, cached, meta = F.load_feature_cache(cache)
     assert cached_ids == ids[:6] and meta["model"] == F.model_fingerprint(str(clip))
-    assert meta["model"].startswith(str(clip) + "#")
+    assert meta["model"].startswith("local#") and str(clip) not in meta["model"]  # content, not place
     assert not cache.exists() and len(list(tmp_path.glob("b.safetensors.parts/part-*"))) == 2
     imgs = Images(10)
     resumed = F.extract_clip_features(model, imgs, ids, cache, batch_size=3, progress=False)

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -135,7 +134,7 @@ def _weights(out):
 
 
 def test_kill_and_resume(tiny, tmp_path):
-    """A `python -m realfake_utils.finetune` run is SIGKILLed after its first checkpoint, then resumed:
+    """A `python -m realfake_utils.finetune` run SIGKILLs itself right after its 2nd checkpoint (rundir.unit_finished), then resumes:
     the step log is exactly 0..N-1 once, and the weights equal those of an uninterrupted run."""
     n_steps = 8
     ref = tmp_path / "ref"
@@ -145,30 +144,15 @@ def test_kill_and_resume(tiny, tmp_path):
             "--max-train-steps", str(n_steps), "--train-batch-size", "4", "--learning-rate", "1e-2",
             "--lora-rank", "2", "--lora-alpha", "2", "--checkpoint-every", "2",
             "--gradient-accumulation-steps", "2", "--device", "cpu"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "realfake_utils.finetune", *argv,
-                             "--sleep-per-step", "0.4"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 60
-    try:
-        while time.time() < deadline:
-            if ft.latest_checkpoint(out) is not None and len(ft.read_history(out)) >= 3:
-                break
-            if proc.poll() is not None:
-                pytest.fail("run ended before it could be killed:\n" + proc.stdout.read().decode())
-            time.sleep(0.05)
-        else:
-            pytest.fail("no checkpoint within 60 s")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           "REALFAKE_KILL_AFTER_UNITS": "checkpoint:2"}   # SIGKILLed right after checkpoint 2 (step 4)
+    proc = subprocess.run([sys.executable, "-m", "realfake_utils.finetune", *argv], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout.decode()[-2000:]
     killed_at = len(ft.read_history(out))
-    assert 0 < killed_at < n_steps and not (out / ft.LORA_WEIGHT_NAME).exists()
+    assert killed_at == 4 and not (out / ft.LORA_WEIGHT_NAME).exists()
     summary = ft.main(argv)                                   # resume: the same command again
-    assert summary["resumed_from_step"] >= 2 and summary["steps"] == n_steps
+    assert summary["resumed_from_step"] == 4 and summary["steps"] == n_steps
     assert [h["step"] for h in ft.read_history(out)] == list(range(n_steps))
     ref_w, got_w = _weights(ref), _weights(out)
     assert ref_w.keys() == got_w.keys()

@@ -1,4 +1,5 @@
 """Presets: resolution order, validation before compute, notebook setup semantics."""
+import re
 from pathlib import Path
 
 import nbformat
@@ -115,3 +116,88 @@ def test_every_shipped_preset_resolves():
 def test_a_child_shared_value_beats_a_parent_section(world):
     (world / "params" / "child.yaml").write_text("extends: small\nshared:\n  steps: 9\n")
     assert resolve("child")["01_beta"]["steps"] == 9  # small.yaml's 01_beta: steps: 2 is older
+
+
+# ------------------------------------------------------------------------- broken preset files
+@pytest.mark.parametrize("text, fragment", [
+    ("shared:\n  image_size: [1, 2\n", "not valid YAML"),
+    ("- a\n- b\n", "a preset is a mapping of sections .* not a list"),
+])
+def test_a_broken_preset_file_is_named_and_does_not_break_the_others(world, text, fragment):
+    (world / "params" / "broken.yaml").write_text(text)
+    listing = params.list_presets()
+    assert listing["small"] == "small" and listing["broken"].startswith("BROKEN: ")
+    assert "broken.yaml" in listing["broken"] and "\n" not in listing["broken"]
+    assert resolve("small")["01_beta"]["steps"] == 2          # other presets still resolve
+    with pytest.raises(ParamError, match=f"broken.yaml.*{fragment}"):
+        resolve("broken")
+    (world / "params" / "child.yaml").write_text("extends: broken\n")
+    with pytest.raises(ParamError, match="broken.yaml"):     # through extends: the broken file is named
+        resolve("child")
+    with pytest.raises(ParamError, match="unknown preset 'nosuch'") as err:
+        resolve("nosuch")
+    assert "broken" not in str(err.value).split("Known presets:")[1].split(" (files in")[0]
+
+
+def test_malformed_override_names_the_key():
+    with pytest.raises(ParamError, match=r"-p scale_k=\[1,2: the value of 'scale_k' is not valid YAML"):
+        params.parse_overrides(["scale_k=[1,2"])
+
+
+# ------------------------------------------------------------------------- the schema (params/_schema.yaml)
+def test_every_notebook_parameter_has_a_schema_entry_of_its_type():
+    """When you add or rename a notebook parameter, add its entry to params/_schema.yaml."""
+    schema = params.load_schema()
+    missing, wrong = [], []
+    for nb in params.notebook_names():
+        for key, default in params.notebook_defaults(nb).items():
+            entry = params.schema_entry(nb, key, schema)
+            t = {bool: "bool", int: "int", float: "float", str: "str", list: "list", dict: "dict"}.get(
+                type(default), "any")
+            if entry is None:
+                missing.append(f"{key}: {{type: {t}}}   # {nb}, default {default!r}")
+            elif not params._is(default, entry.get("type", "any")):
+                wrong.append(f"{key}: type {entry.get('type')} but the default in {nb} is {default!r} ({t})")
+    assert not missing, ("add these entries to params/_schema.yaml (with min/max/choices/elements as "
+                         "fits):\n  " + "\n  ".join(missing))
+    assert not wrong, "fix these entries in params/_schema.yaml:\n  " + "\n  ".join(wrong)
+    for nb in params.notebook_names():   # and every default satisfies its own entry
+        for key, default in params.notebook_defaults(nb).items():
+            params.check_value(nb, key, default, f"notebooks/{nb}")
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("seeds=[]", r"'seeds' of notebook \d\d_\w+ = \[\]: the list is empty; allowed: list of int, non-empty"),
+    ("image_size=-4", r"'image_size' of notebook 01_prepare = -4: -4 is below the minimum 8"),
+    ("seeds=[a,b]", r"'seeds' of notebook \d\d_\w+ = \['a', 'b'\]: element 0: 'a' is not an int"),
+    ("scale_k=[0]", r"'scale_k' of notebook 03_synthesize = \[0\]: element 0: 0 is below the minimum 1"),
+    ("lora_rank=0", r"'lora_rank' of notebook 02_finetune = 0: 0 is below the minimum 1"),
+])
+def test_bad_values_of_the_right_type_are_refused_before_any_notebook_runs(override, fragment, tmp_path, capsys):
+    from realfake_utils import runner
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as err:
+        runner.main(["run", "--preset", "digits", "--run-dir", str(run_dir), "-p", override])
+    assert err.value.code == 2
+    msg = capsys.readouterr().err.strip()
+    assert re.search(fragment, msg) and len(msg.splitlines()) == 1, msg
+    assert f"-p {override.split('=')[0]}" in msg and "_schema.yaml" in msg
+    assert not run_dir.exists()   # refused before the run folder, let alone a notebook
+
+
+def test_schema_applies_to_presets_and_to_values_edited_in_the_cell(world):
+    (world / "params" / "_schema.yaml").write_text(
+        "steps: {type: int, min: 1}\nks: {type: list, elements: int, min: 1, non_empty: true}\n"
+        "lr: {type: float, gt: 0}\n01_beta.image_size: {type: int, choices: [8, 16]}\n")
+    (world / "params" / "bad.yaml").write_text("01_beta:\n  steps: 0\n")
+    with pytest.raises(ParamError, match=r"params/bad.yaml \[01_beta\]: parameter 'steps' .* = 0"):
+        resolve("bad")
+    with pytest.raises(ParamError, match=r"'lr' of notebook 00_alpha = 0.0: 0.0 must be greater than 0"):
+        resolve("digits", {"lr": 0})
+    with pytest.raises(ParamError, match=r"'image_size' of notebook 01_beta = 4: 4 is not one of \[8, 16\]"):
+        resolve("digits", {"image_size": 4})
+    assert resolve("digits", {"image_size": 4}, ["00_alpha"])["00_alpha"]["image_size"] == 4  # per notebook
+    ns = {"preset": "small", "run_dir": "", "image_size": 16, "steps": 10, "use_dm": True, "ks": []}
+    with pytest.raises(ParamError, match="parameters cell: parameter 'ks' of notebook 01_beta = \\[\\]"):
+        setup_notebook(ns, "01_beta")   # JupyterLab: an edited value is checked too

@@ -7,6 +7,9 @@ from realfake_utils import params, runner
 from tests.test_params import make_notebook, world  # noqa: F401  (fixture)
 
 
+BETA = 'preset = "digits"\nrun_dir = ""\nimage_size = 16\nsteps = 10\nuse_dm = True\nks = [1, 2]'
+
+
 @pytest.fixture
 def nb_world(world):  # noqa: F811
     marker = world / "executed.txt"
@@ -55,3 +58,88 @@ def test_presets_and_show_commands(nb_world, capsys):
     assert "small" in out and "digits" in out
     runner.main(["show", "small"])
     assert "steps: 2" in capsys.readouterr().out
+
+
+def test_a_second_run_on_a_held_folder_is_refused_at_once(nb_world, capsys):
+    """Another process holds the run folder (it signals through a pipe once it does): refused in one
+    line naming its PID and the lock file; after it is killed, its stale lock is taken over."""
+    from tests.test_rundir import hold, release
+
+    world, marker = nb_world
+    run_dir = world / "run"
+    proc, _ = hold(run_dir)
+    try:
+        with pytest.raises(SystemExit) as err:
+            runner.main(["run", "--preset", "small", "--only", "01", "--run-dir", str(run_dir)])
+        assert err.value.code == 2
+        msg = capsys.readouterr().err.strip()
+        assert len(msg.splitlines()) == 1 and f"PID {proc.pid}" in msg and ".realfake.lock" in msg
+        assert not marker.exists() and not (run_dir / "run.log").exists()   # nothing ran, nothing logged
+    finally:
+        release(proc, kill=True)
+    runner.main(["run", "--preset", "small", "--only", "01", "--run-dir", str(run_dir)])
+    assert f"took over the lock of PID {proc.pid}" in capsys.readouterr().err
+    assert marker.exists()
+
+
+def test_the_runners_kernel_shares_its_lock(nb_world):
+    """The kernel `realfake run` starts joins the run's lock with the token it inherits (rf.setup does
+    this); a second owner would be refused."""
+    world, _ = nb_world
+    body = ("import os\nfrom realfake_utils import rundir\n"
+            "lock = rundir.lock_run_folder(run_dir, role='kernel', token=os.environ['REALFAKE_LOCK_TOKEN'])\n"
+            "open(os.path.join(run_dir, 'kernel_lock.txt'), 'w').write(lock.role + ' ' + lock.token)")
+    make_notebook(world / "notebooks" / "01_beta.ipynb", BETA, body)
+    run_dir = world / "run"
+    runner.main(["run", "--preset", "small", "--only", "01", "--run-dir", str(run_dir)])
+    role, token = (run_dir / "kernel_lock.txt").read_text().split()
+    assert role == "kernel" and len(token) == 16
+
+
+def test_p_run_dir_is_the_run_folder(nb_world):
+    world, marker = nb_world
+    run_dir = world / "elsewhere"
+    runner.main(["run", "--preset", "small", "--only", "01", "-p", f"run_dir={run_dir}"])
+    assert (run_dir / "run.log").exists() and (run_dir / "01_beta.ipynb").exists()
+    assert (run_dir / "results" / "01_beta.json").exists()   # notebooks and logs in one folder
+    with pytest.raises(params.ParamError, match="disagree"):
+        runner.run("small", "01", None, {"run_dir": str(run_dir)}, str(world / "other"))
+
+
+def test_an_unwritable_run_folder_is_one_line_naming_path_and_fix(nb_world, capsys):
+    world, marker = nb_world
+    (world / "afile").write_text("x")
+    bad = world / "afile" / "run"   # a file where a folder must be (a chmod is no test as root)
+    with pytest.raises(SystemExit) as err:
+        runner.main(["run", "--preset", "small", "--only", "01", "--run-dir", str(bad)])
+    assert err.value.code == 2
+    msg = capsys.readouterr().err.strip()
+    assert len(msg.splitlines()) == 1 and "afile" in msg and "ENOTDIR" in msg and "--run-dir" in msg
+    assert not marker.exists()
+
+
+def test_a_full_disk_is_one_line_and_a_failed_line_in_run_log(nb_world, capsys):
+    """A real ENOSPC: the executed notebook's path is a link to /dev/full, which refuses every write."""
+    world, marker = nb_world
+    run_dir = world / "run"
+    run_dir.mkdir()
+    (run_dir / "01_beta.ipynb").symlink_to("/dev/full")
+    with pytest.raises(SystemExit) as err:
+        runner.main(["run", "--preset", "small", "--only", "01", "--run-dir", str(run_dir)])
+    msg = str(err.value)
+    assert len(msg.splitlines()) == 1 and "No space left on device" in msg and "free space" in msg
+    assert "ENOSPC" in msg
+    assert "01_beta FAILED" in (run_dir / "run.log").read_text()
+    assert "[1/1] 01_beta ... FAILED" in capsys.readouterr().out
+
+
+def test_the_terminal_line_of_01_names_the_excluded_files(nb_world, capsys):
+    world, _ = nb_world
+    body = ("import os\nd = os.path.join(run_dir, 'artifacts', 'data')\nos.makedirs(d, exist_ok=True)\n"
+            "open(os.path.join(d, 'excluded.csv'), 'w').write("
+            "'path,reason,class_name\\n/x/a.png,truncated,a\\n/x/b.png,not an image,b\\n')")
+    make_notebook(world / "notebooks" / "01_beta.ipynb", BETA, body)
+    run_dir = world / "run"
+    runner.main(["run", "--preset", "small", "--only", "01", "--run-dir", str(run_dir)])
+    out = capsys.readouterr().out
+    assert f"2 file(s) excluded, listed in {run_dir.resolve() / 'artifacts' / 'data' / 'excluded.csv'}" in out

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -217,16 +216,12 @@ def test_kill_mid_run_then_resume_gives_the_uninterrupted_set(env):
     killed = _prepare(env, "killed", k=2, batch_size=1)
     cmd = [sys.executable, "-m", "realfake_utils.synthesize", "--set-dir", str(killed), "--device", "cpu",
            "--threads", "1", "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "REALFAKE_SYNTH_BATCH_DELAY_S": "0.05"})
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(killed.rglob("*.png"))) < 3:
-        assert proc.poll() is None, "the generator ended before it could be killed"
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    # the child SIGKILLs itself right after its 5th image is renamed into place (rundir.unit_finished)
+    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          env={**os.environ, "REALFAKE_KILL_AFTER_UNITS": "image:5"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     n_killed = len([p for p in killed.rglob("*.png") if not p.name.startswith(".")])
-    assert 3 <= n_killed < 18, n_killed
+    assert n_killed == 5
     syn.merge_set(killed)  # a partial manifest, as a running job writes one every 30 s
     from realfake_utils.classify import discover_sets
 
