@@ -277,8 +277,9 @@ def lock_run_folder(root: str | os.PathLike, role: str = "run", token: str | Non
     and the lock file) while any other process holds the folder. ``role="kernel"`` with the owner's
     ``token`` (``$REALFAKE_LOCK_TOKEN``, passed by the runner to its kernels): joins the owner's lock
     and holds it itself, so a kernel that outlives a killed runner still keeps others out. A kernel
-    without the token (JupyterLab, nbval) becomes an owner like a run; ``wait_s`` waits that long for a
-    previous *kernel* owner to exit (a kernel being shut down), never for a run.
+    without the token (JupyterLab, nbval) becomes an owner like a run. ``wait_s``: how long to wait for
+    holders that are ending (a kernel owner being shut down, or kernels whose run has ended or was
+    killed); a live `realfake run` is refused at once.
 
     Protocol: every acquisition happens under an exclusive flock on ``.realfake.lock.gate``; an owner
     takes ``LOCK_EX`` on the lock file (possible only if no one holds it), records pid / token, and
@@ -306,7 +307,9 @@ def lock_run_folder(root: str | os.PathLike, role: str = "run", token: str | Non
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                if info.get("role") == "kernel" and time.monotonic() < t_end:
+                owner = info.get("pid")
+                ending = info.get("role") == "kernel" or not (isinstance(owner, int) and _pid_alive(owner))
+                if ending and time.monotonic() < t_end:
                     os.close(fd)
                     fd = -1
                     continue   # (finally releases the gate) a kernel being shut down: try again

@@ -68,7 +68,7 @@ def run(preset: str, only: str | None = None, start: str | None = None,
     params = resolve(preset, overrides, notebooks)  # raises before any compute
     try:
         run_folder = RunDir(preset, run_dir)
-        lock = lock_run_folder(run_folder.root, role="run")
+        lock = lock_run_folder(run_folder.root, role="run", wait_s=10.0)  # waits only for ending kernels
     except RunFolderBusy as err:
         raise ParamError(str(err)) from None
     except OSError as err:
