@@ -9,7 +9,9 @@ What the official code does (BAAI-DCAI/Training-Data-Synthesis, read for referen
   ``encoder_hidden_states = text_encoder(input_ids)[0]`` then
   ``encoder_hidden_states[:, -1, :] = img_features.view(bsz, -1)``: the embedding **replaces the last
   position** (index 76 of SD's 77, normally an end/padding token) of the text encoder's last hidden
-  states, per sample, with no normalisation or scaling. :func:`guidance_token` does exactly that.
+  states, per sample, with no normalisation or scaling. :func:`guidance_token` does exactly that;
+  the paper's Sec. 3.2 instead *concatenates* the feature with the text embeddings
+  (:func:`guidance_prompt_embeds` with ``position="append"``, ``[B, 77, D] -> [B, 78, D]``).
 - ``generate.py``: negative prompt ``"distorted, unrealistic, blurry, out of frame, cropped,
   deformed"`` (:data:`NEGATIVE_PROMPT`); prompts ``"photo of {class}, {caption}, best quality"`` with
   BLIP-2 captions and ``"{class}, photo, best quality"`` without; the fine-tuning metadata uses
@@ -31,6 +33,9 @@ from .models import check_guidance_compat
 
 # generate.py of BAAI-DCAI/Training-Data-Synthesis (StableDiffusionHandler.generate_ImageNet1k).
 NEGATIVE_PROMPT = "distorted, unrealistic, blurry, out of frame, cropped, deformed"
+# How the visual guidance token enters the prompt embeddings: "append" = the paper's Sec. 3.2
+# (concatenated), "replace_last" = the official code (last position overwritten).
+GUIDANCE_TOKEN_POSITIONS = ("append", "replace_last")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -92,6 +97,48 @@ def guidance_token(prompt_embeds: torch.Tensor, image_embeds: torch.Tensor) -> t
     out = prompt_embeds.clone()
     out[:, -1, :] = image_embeds.to(device=out.device, dtype=out.dtype).expand(b, d)
     return out
+
+
+def guidance_prompt_embeds(prompt_embeds: torch.Tensor, feature: torch.Tensor | None,
+                           position: str = "append") -> torch.Tensor:
+    """Prompt embeddings with the visual guidance token (Sec. 3.2), for training and generation.
+
+    ``position="append"`` (the paper's text: the intra-class feature "is then concatenated with the
+    text embeddings"): ``[B, L, D] -> [B, L + 1, D]``, the feature as one more token after the text's
+    ``L`` positions (SD 1.5: 77 -> 78; the UNet's cross-attention takes any sequence length).
+    ``position="replace_last"`` (the official code): :func:`guidance_token`, ``[B, L, D]`` with the last
+    position overwritten.
+
+    ``feature``: ``[B, D]``, ``[D]`` or ``[1, D]`` (broadcast), unnormalised and unscaled. ``None``
+    gives embeddings of the same length without guidance: for ``append`` the last position repeated
+    once (a copy of the end/padding token, so a negative prompt matches the guided prompt's length
+    for classifier-free guidance), for ``replace_last`` the input unchanged. Pure; dtype and device
+    follow ``prompt_embeds``.
+    """
+    if position not in GUIDANCE_TOKEN_POSITIONS:
+        raise ValueError(f"guidance token position must be one of {GUIDANCE_TOKEN_POSITIONS}, got "
+                         f"{position!r}")
+    if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.dim() != 3:
+        raise ValueError(f"guidance_prompt_embeds: prompt_embeds must be [B, L, D], got "
+                         f"{tuple(getattr(prompt_embeds, 'shape', ()))}")
+    if position == "replace_last":
+        return prompt_embeds.clone() if feature is None else guidance_token(prompt_embeds, feature)
+    b, _, d = prompt_embeds.shape
+    if feature is None:
+        token = prompt_embeds[:, -1:, :]
+    else:
+        feature = torch.as_tensor(feature)
+        if feature.dim() == 1:
+            feature = feature[None]
+        if feature.dim() != 2:
+            raise ValueError(f"guidance_prompt_embeds: feature must be [B, D] or [D], got "
+                             f"{tuple(feature.shape)}")
+        check_guidance_compat(feature.shape[1], d)
+        if feature.shape[0] not in (1, b):
+            raise ValueError(f"guidance_prompt_embeds: {feature.shape[0]} features for a batch of {b} "
+                             "prompts (give one per prompt, or one for all)")
+        token = feature.to(device=prompt_embeds.device, dtype=prompt_embeds.dtype).expand(b, d)[:, None]
+    return torch.cat([prompt_embeds, token], dim=1)
 
 
 # --------------------------------------------------------------------------------------------------

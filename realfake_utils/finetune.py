@@ -2,30 +2,40 @@
 
 Real-Fake fine-tunes Stable Diffusion on the target training set so that the generator's distribution
 moves towards the target's: LoRA (rank ``r``, alpha) on the UNet attention projections
-``to_q, to_k, to_v, to_out.0``, trained with
+``to_q, to_k, to_v, to_out.0``, trained with Eq. 21
 
-    loss = L_simple (optionally Min-SNR-gamma weighted)  +  L_DM  (Eq. 7 / 21, "paper" or "official")
+    L_overall = L_simple (Min-SNR-gamma weighted, Table 7)  +  L_DM  ("paper" or "official" form)
 
-and, per training sample, the sample's CLIP image embedding replacing the last token of the text
-encoder's hidden states (the visual guidance token, Sec. 3.2). Everything runs on stock diffusers: the
-prompt embeddings are computed here and passed to the UNet / pipeline, no fork, no monkeypatching.
+and the visual guidance token (Sec. 3.2): a CLIP image feature appended to the text embeddings (the
+paper) or overwriting their last position (the official code), the class mean (the paper) or each
+sample's own feature (the official code); see :mod:`realfake_utils.finetune_config`. Everything runs
+on stock diffusers: prompt embeddings are computed here and passed to the UNet / pipeline.
 
-The loop uses accelerate (mixed precision, gradient accumulation, multi-GPU through
-``accelerate launch -m realfake_utils.finetune`` or :func:`launch_training` / ``notebook_launcher``).
-It checkpoints every ``checkpoint_every`` optimizer steps with ``accelerator.save_state`` (automatic
-checkpoint naming, ``checkpoints_total_limit``) and resumes from the latest complete checkpoint
-("latest" semantics). Data order, noise and timesteps are functions of ``(seed, micro-step, rank)``,
-so a resumed run sees exactly the batches and noise an uninterrupted run would: the final weights are
-the same (tested: ``tests/test_finetune.py::test_kill_and_resume``).
+Stages (timm's split is the model): :func:`build_train_set` / :func:`load_train_set` (data),
+:func:`setup_training` (accelerator, frozen parts, LoRA, optimizer), :func:`resume_or_start`
+(latest complete checkpoint of the same cache key), :func:`train_one_epoch`, :func:`save_checkpoint`,
+:func:`save_final`; :func:`train_lora` runs them. :func:`train_variants` is the whole of 02: each
+Table 2 LoRA variant, samples before / after, MMD before / after, the :class:`FinetuneRecord`.
+
+Batches: the data stream is a concatenation of seeded per-epoch permutations; one optimizer step
+consumes the next ``global_batch_size`` items, split over processes and accumulation micro-steps
+(per device = global / (processes x accumulation)), so the data order does not depend on the number
+of processes, and ``num_train_epochs`` passes over the data are ``ceil(epochs x N / global)`` steps.
+Noise and timesteps are functions of ``(seed, micro-step, rank)``: a resumed run sees exactly what an
+uninterrupted one would (tested).
 
 Output, in ``artifacts/lora/<variant>/``::
 
     pytorch_lora_weights.safetensors   loadable by stock ``pipe.load_lora_weights(dir)``
-    train_config.json                  configuration, its hash, summary (written last: completion mark)
-    steps.jsonl                        one line per optimizer step: step, loss, l_simple, l_dm, lr
-    checkpoints/checkpoint_<i>/        accelerate states (LoRA weights only, optimizer, scheduler, RNG)
+    train_config.json                  configuration, cache key, summary
+    steps.jsonl                        one line per optimizer step (appended; a resumed step's line is
+                                       appended again and the last one counts, see read_history)
+    DONE.json                          written last (rundir.mark_done): key + SHA-256 of the three files
+    checkpoints/checkpoint_<i>/        accelerate states while training (removed when done)
 
-The variant name encodes the Table 2 switches, see :func:`variant_name`.
+A folder is reused only when ``DONE.json`` holds the same cache key (``rundir.content_hash`` of the
+configuration, the base model's content identity and the train set's fingerprint: no absolute paths,
+no mtimes) and the files still have the hashed bytes; anything else is trained again.
 """
 from __future__ import annotations
 
@@ -40,123 +50,21 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
-LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
-DM_LOSS_FORMS = ("paper", "official")
+from .finetune_config import (DM_LOSS_FORMS, GUIDANCE_FEATURES_TRAIN, GUIDANCE_TOKEN_POSITIONS,
+                              LORA_TARGET_MODULES, TABLE2_VARIANTS, FinetuneConfig, parse_variant,
+                              resolve_variants, variant_name)
+from .records import Record
+from .rundir import (atomic_path, content_hash, done_info, is_done, mark_done, read_json, tree_sha256,
+                     unit_finished, write_json)
+
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 TRAIN_SET_NAME = "train_set.safetensors"
-
-
-# --------------------------------------------------------------------------------------------------
-# Variant names (Table 2 rows)
-# --------------------------------------------------------------------------------------------------
-def variant_name(finetune: bool, dm_loss: bool, visual_guidance: bool, dm_loss_form: str = "paper") -> str:
-    """Folder / set name of one Table 2 row.
-
-    ``lora-dm-vg``, ``lora-nodm-novg``, ... for fine-tuned rows (``lora-dmofficial-vg`` when the DM loss
-    takes the official code's form); ``base-vg`` / ``base-novg`` for the vanilla base model (no LoRA; the
-    DM switch is meaningless without fine-tuning and is ignored).
-    """
-    vg = "vg" if visual_guidance else "novg"
-    if not finetune:
-        return f"base-{vg}"
-    if dm_loss_form not in DM_LOSS_FORMS:
-        raise ValueError(f"dm_loss_form must be one of {DM_LOSS_FORMS}, got {dm_loss_form!r}")
-    dm = ("dm" if dm_loss_form == "paper" else "dmofficial") if dm_loss else "nodm"
-    return f"lora-{dm}-{vg}"
-
-
-def parse_variant(name: str) -> dict[str, Any]:
-    """Inverse of :func:`variant_name`: ``"lora-dm-vg"`` -> {finetune, dm_loss, dm_loss_form,
-    visual_guidance}."""
-    parts = name.split("-")
-    err = ValueError(f"not a variant name: {name!r} (expected lora-<dm|dmofficial|nodm>-<vg|novg> "
-                     "or base-<vg|novg>)")
-    if len(parts) == 2 and parts[0] == "base" and parts[1] in ("vg", "novg"):
-        return dict(finetune=False, dm_loss=False, dm_loss_form="paper", visual_guidance=parts[1] == "vg")
-    if len(parts) != 3 or parts[0] != "lora" or parts[1] not in ("dm", "dmofficial", "nodm") \
-            or parts[2] not in ("vg", "novg"):
-        raise err
-    return dict(finetune=True, dm_loss=parts[1] != "nodm",
-                dm_loss_form="official" if parts[1] == "dmofficial" else "paper",
-                visual_guidance=parts[2] == "vg")
-
-
-# --------------------------------------------------------------------------------------------------
-# Configuration
-# --------------------------------------------------------------------------------------------------
-@dataclass
-class FinetuneConfig:
-    """All settings of one fine-tuning run (the notebook's parameters map onto these names).
-
-    Defaults are the official code's (``finetune/train_lora.sh``): lr 1e-4 constant, batch 8,
-    Min-SNR gamma 5, LoRA rank 4 (diffusers' default); the DM weight defaults to the chosen form's
-    published value (``losses.PAPER_DM_WEIGHT`` / ``losses.OFFICIAL_DM_WEIGHT`` = 0.003).
-    """
-    base_model: str = ""
-    output_dir: str = ""
-    lora_rank: int = 4
-    lora_alpha: float = 4.0
-    learning_rate: float = 1e-4
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    max_train_steps: int = 100
-    train_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    snr_gamma: float = 5.0              # <= 0: plain L_simple (no Min-SNR weighting)
-    dm_loss: bool = True
-    dm_loss_form: str = "paper"         # "paper" | "official"
-    dm_loss_weight: float = -1.0        # < 0: the form's published weight (paper 0.05, official 0.003)
-    visual_guidance: bool = True
-    random_flip: bool = False
-    max_grad_norm: float = 1.0
-    adam_weight_decay: float = 1e-2
-    mixed_precision: str = "no"         # "no" | "fp16" | "bf16"
-    seed: int = 0
-    device: str = "auto"                # "auto" | "cpu" | "cuda"
-    checkpoint_every: int = 50
-    checkpoints_total_limit: int = 2
-    channels_last: bool = False
-    compile_unet: bool = False
-    log_every: int = 0                  # print a line every N steps (0: only a summary)
-    # not part of the result: a test hook that slows each optimizer step down (seconds)
-    sleep_per_step: float = 0.0
-
-    # keys that do not change the trained weights
-    _NOT_HASHED = ("output_dir", "device", "checkpoint_every", "checkpoints_total_limit", "log_every",
-                   "sleep_per_step", "compile_unet", "channels_last")
-
-    def validate(self) -> None:
-        if self.dm_loss_form not in DM_LOSS_FORMS:
-            raise ValueError(f"dm_loss_form must be one of {DM_LOSS_FORMS}, got {self.dm_loss_form!r}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"mixed_precision must be no|fp16|bf16, got {self.mixed_precision!r}")
-        for key in ("lora_rank", "max_train_steps", "train_batch_size", "gradient_accumulation_steps",
-                    "checkpoint_every"):
-            if int(getattr(self, key)) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if not self.base_model:
-            raise ValueError("base_model is empty: give a diffusers id or a pipeline folder")
-
-    @property
-    def variant(self) -> str:
-        return variant_name(True, self.dm_loss, self.visual_guidance, self.dm_loss_form)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    def hashed_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.to_dict().items() if k not in self._NOT_HASHED}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FinetuneConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown fine-tuning settings {sorted(unknown)}; known: {sorted(names)}")
-        return cls(**d)
+LOG_NAME = "steps.jsonl"
+SUMMARY_NAME = "train_config.json"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -337,27 +245,43 @@ def save_lora(unet, out_dir: str | os.PathLike) -> Path:
     return out_dir / LORA_WEIGHT_NAME
 
 
-def condition(text_encoder, tokenizer, prompts: Sequence[str], image_embeds=None):
-    """Text-encoder hidden states for ``prompts``; with ``image_embeds`` [B, D] the last token of each
-    is replaced by the sample's CLIP image embedding (visual guidance token, Sec. 3.2)."""
+def training_guidance_features(train_set: TrainSet, mode: str = "class_mean"):
+    """The guidance feature of each training sample ``[N, D]``: the mean CLIP image embedding of its
+    class over the train set (``class_mean``, Sec. 3.2: "the mean of image embeddings ... of a
+    class") or its own embedding (``sample``, the official code's ``img_features``)."""
+    import torch
+
+    if mode not in GUIDANCE_FEATURES_TRAIN:
+        raise ValueError(f"guidance_feature_train must be one of {GUIDANCE_FEATURES_TRAIN}, got {mode!r}")
+    if train_set.image_embeds is None:
+        raise ValueError("visual guidance needs the train set's CLIP image embeddings (none stored)")
+    emb = train_set.image_embeds.float()
+    if mode == "sample":
+        return emb
+    labels = train_set.labels.long()
+    out = torch.empty_like(emb)
+    for c in labels.unique().tolist():     # classes of this set (06's members may lack some)
+        sel = labels == c
+        out[sel] = emb[sel].double().mean(0).float()
+    return out
+
+
+def condition(text_encoder, tokenizer, prompts: Sequence[str], image_embeds=None,
+              position: str = "replace_last"):
+    """Text-encoder hidden states for ``prompts``; with ``image_embeds`` [B, D] the visual guidance
+    token (Sec. 3.2) at ``position`` (``append``: ``[B, L+1, D]``; ``replace_last``: last token
+    overwritten), see :func:`features.guidance_prompt_embeds`."""
     from . import features
 
     embeds = features.encode_prompts(text_encoder, tokenizer, list(prompts))
-    if image_embeds is not None:
-        if image_embeds.shape[-1] != embeds.shape[-1]:
-            raise ValueError(
-                f"visual guidance: the CLIP image embedding has {image_embeds.shape[-1]} dimensions but the "
-                f"text encoder's hidden size is {embeds.shape[-1]}; use a CLIP whose projection dim equals "
-                "it (ViT-L/14 for SD 1.5, the miniature CLIP for the miniature base model)")
-        embeds = features.guidance_token(embeds, image_embeds.to(embeds.device, embeds.dtype))
-    return embeds
+    if image_embeds is None:
+        return embeds
+    return features.guidance_prompt_embeds(embeds, image_embeds.to(embeds.device, embeds.dtype), position)
 
 
 def diffusion_loss(unet, latents, encoder_hidden_states, noise_scheduler, cfg: FinetuneConfig, generator):
-    """One forward pass and the Real-Fake objective: returns (loss, l_simple, l_dm) as tensors.
-
-    Noise and timesteps come from ``generator`` (CPU), so the result is reproducible.
-    """
+    """One forward pass and the Real-Fake objective (Eq. 21, :func:`losses.overall_loss`): returns
+    (loss, l_simple, l_dm) as tensors. Noise and timesteps come from ``generator`` (CPU)."""
     import torch
 
     from . import losses
@@ -371,23 +295,52 @@ def diffusion_loss(unet, latents, encoder_hidden_states, noise_scheduler, cfg: F
         raise ValueError(f"only epsilon prediction is supported (Real-Fake / SD 1.5), got "
                          f"{noise_scheduler.config.prediction_type!r}")
     eps_hat = unet(noisy, timesteps, encoder_hidden_states).sample.float()
-    eps = noise.float()
     weights = None
     if cfg.snr_gamma and cfg.snr_gamma > 0:
         weights = losses.min_snr_weights(timesteps, noise_scheduler.alphas_cumprod.to(latents.device),
                                          cfg.snr_gamma)
-    l_simple = losses.l_simple(eps_hat, eps, snr_weights=weights)
-    if cfg.dm_loss:
-        weight = cfg.dm_loss_weight if cfg.dm_loss_weight >= 0 else None  # None: the form's default
-        l_dm = losses.dm_loss(eps_hat, eps, form=cfg.dm_loss_form, weight=weight, snr_weights=weights)
-    else:
-        l_dm = torch.zeros((), device=eps_hat.device)
-    return l_simple + l_dm, l_simple.detach(), l_dm.detach()
+    weight = cfg.dm_loss_weight if cfg.dm_loss_weight >= 0 else None  # None: the form's default
+    total, ls, ld = losses.overall_loss(eps_hat, noise.float(), dm=cfg.dm_loss, form=cfg.dm_loss_form,
+                                        weight=weight, snr_weights=weights)
+    return total, ls.detach(), ld.detach()
 
 
 # --------------------------------------------------------------------------------------------------
-# Checkpoints
+# Cache keys and checkpoints
 # --------------------------------------------------------------------------------------------------
+@lru_cache(maxsize=16)
+def _tree_sha_memo(folder: str, stamp: tuple) -> str:   # the stamp only invalidates this in-process memo
+    return tree_sha256(folder)
+
+
+def base_model_identity(base_model: str) -> str:
+    """Content identity of the base model (part of the LoRA cache key; never its path): the hash in
+    its params record (``<folder>.params.json``, written by 01 for the miniature base) when there is
+    one, else ``rundir.tree_sha256`` of the folder; a hub id stands for itself."""
+    p = Path(str(base_model)).expanduser()
+    if p.is_dir():
+        key = p.with_name(p.name + ".params.json")
+        if key.exists():
+            try:
+                h = read_json(key).get("hash")
+            except (OSError, ValueError):
+                h = None
+            if h:
+                return f"params:{h}"
+        stamp = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(p.rglob("*")) if f.is_file())
+        return "sha256:" + _tree_sha_memo(str(p.resolve()), stamp)
+    return f"id:{base_model}"
+
+
+def lora_key(cfg: FinetuneConfig, train_set_fingerprint: str) -> str:
+    """The cache key of one LoRA: :func:`rundir.content_hash` of the settings that shape the weights,
+    the base model's content identity and the train set's fingerprint."""
+    return content_hash({"config": cfg.hashed_dict(), "base": base_model_identity(cfg.base_model),
+                         "train_set": train_set_fingerprint})
+
+
+config_hash = lora_key   # the earlier name
+
 STATE_FILE = "train_state.json"   # written last into a checkpoint folder: marks it complete
 
 
@@ -398,11 +351,11 @@ def _ckpt_index(p: Path) -> int:
         return -1
 
 
-def latest_checkpoint(out_dir: str | os.PathLike, config_hash: str | None = None) -> Path | None:
+def latest_checkpoint(out_dir: str | os.PathLike, key: str | None = None) -> Path | None:
     """The newest complete checkpoint folder of ``out_dir/checkpoints`` ("latest" semantics).
 
-    Folders without ``train_state.json`` (a run killed while saving) are ignored; with
-    ``config_hash`` only checkpoints of the same configuration count.
+    Folders without ``train_state.json`` (a run killed while saving) are ignored; with ``key`` only
+    checkpoints of the same cache key count.
     """
     root = Path(out_dir) / "checkpoints"
     if not root.is_dir():
@@ -410,24 +363,22 @@ def latest_checkpoint(out_dir: str | os.PathLike, config_hash: str | None = None
     for p in sorted(root.glob("checkpoint_*"), key=_ckpt_index, reverse=True):
         state = p / STATE_FILE
         if state.exists():
-            if config_hash is None or json.loads(state.read_text()).get("config_hash") == config_hash:
+            try:
+                got = json.loads(state.read_text()).get("config_hash")
+            except ValueError:
+                continue
+            if key is None or got == key:
                 return p
     return None
 
 
-def config_hash(cfg: FinetuneConfig, train_set_fingerprint: str) -> str:
-    d = cfg.hashed_dict()
-    base = Path(cfg.base_model)
-    if base.is_dir():  # a retrained local base model changes the hash
-        stamp = [(str(p.relative_to(base)), p.stat().st_size, int(p.stat().st_mtime))
-                 for p in sorted(base.rglob("*.safetensors"))]
-        d["base_model_files"] = stamp
-    d["train_set"] = train_set_fingerprint
-    return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def is_trained(out_dir: str | os.PathLike, key: str) -> bool:
+    """A finished LoRA of this cache key: ``DONE.json`` written last, files unchanged since."""
+    return is_done(out_dir, key)
 
 
 # --------------------------------------------------------------------------------------------------
-# Training
+# Training stages
 # --------------------------------------------------------------------------------------------------
 def _to(module, device, dtype):
     """Move ``module``; cast only when the dtype changes (diffusers warns on a no-op cast)."""
@@ -458,15 +409,43 @@ def _load_frozen(base_model: str, dtype, device):
     return tokenizer, text_encoder, vae, unet, scheduler
 
 
-def train_lora(cfg: FinetuneConfig, train_set: TrainSet | str | os.PathLike, resume: bool = True,
-               force: bool = False) -> dict[str, Any]:
-    """Fine-tune LoRA weights on ``train_set``; returns the summary also stored in train_config.json.
+@dataclass
+class TrainContext:
+    """Everything the training stages share (built by :func:`setup_training`)."""
+    cfg: FinetuneConfig
+    train_set: TrainSet
+    out: Path
+    key: str
+    accelerator: Any
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    noise_scheduler: Any
+    optimizer: Any
+    lr_scheduler: Any
+    params: list
+    weight_dtype: Any
+    per_device_batch: int
+    total_steps: int
+    guidance: Any = None                 # [N, D] guidance feature per sample, or None
+    global_step: int = 0
+    start_step: int = 0
+    history: list = field(default_factory=list)
+    seen: Any = None                     # [N] times each sample was drawn (this process, this session)
 
-    - Reuses a finished run with the same configuration hash (unless ``force``).
-    - Resumes from the latest complete checkpoint of the same configuration (``resume=True``), skipping
-      the optimizer steps already done; otherwise starts fresh (old checkpoints removed).
-    - Call it directly (one process) or under ``accelerate launch`` / ``notebook_launcher``.
-    """
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+
+def setup_training(cfg: FinetuneConfig, train_set: TrainSet, key: str) -> TrainContext:
+    """Accelerator, frozen VAE / text encoder, UNet with LoRA (peft, seeded gaussian init), AdamW, the
+    lr schedule, checkpoint hooks that store the LoRA weights only."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
@@ -475,24 +454,7 @@ def train_lora(cfg: FinetuneConfig, train_set: TrainSet | str | os.PathLike, res
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 
-    from .rundir import atomic_path, read_json, unit_finished, write_json
-
-    cfg.validate()
-    if not cfg.output_dir:
-        raise ValueError("output_dir is empty")
-    if not isinstance(train_set, TrainSet):
-        train_set = load_train_set(train_set)
-    if cfg.visual_guidance and train_set.image_embeds is None:
-        raise ValueError("visual_guidance=True but the training set has no CLIP image embeddings")
     out = Path(cfg.output_dir)
-    chash = config_hash(cfg, train_set.fingerprint())
-    done_file = out / "train_config.json"
-    if not force and done_file.exists() and (out / LORA_WEIGHT_NAME).exists():
-        prev = read_json(done_file)
-        if prev.get("config_hash") == chash:
-            prev["reused"] = True
-            return prev
-
     mixed = cfg.mixed_precision
     want_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     if want_cpu and mixed == "fp16":
@@ -503,8 +465,9 @@ def train_lora(cfg: FinetuneConfig, train_set: TrainSet | str | os.PathLike, res
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         project_config=ProjectConfiguration(project_dir=str(out), automatic_checkpoint_naming=True,
                                             total_limit=cfg.checkpoints_total_limit))
+    world = accelerator.num_processes
+    per_device = cfg.per_device_batch_size(world)          # a clear error if not divisible
     set_seed(cfg.seed)
-    rank, world = accelerator.process_index, accelerator.num_processes
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision,
                                                                        torch.float32)
@@ -517,15 +480,15 @@ def train_lora(cfg: FinetuneConfig, train_set: TrainSet | str | os.PathLike, res
     if cfg.channels_last:
         unet.to(memory_format=torch.channels_last)
     params = [p for p in unet.parameters() if p.requires_grad]
+    total = cfg.total_steps(len(train_set))
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=cfg.lr_warmup_steps * world,
-                                 num_training_steps=cfg.max_train_steps * world)
+                                 num_training_steps=total * world)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     if cfg.compile_unet:
         unet = torch.compile(unet)
 
-    # Checkpoints hold only the LoRA weights (not the frozen UNet), plus optimizer/scheduler/RNG.
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             for m in models:
@@ -545,128 +508,264 @@ def train_lora(cfg: FinetuneConfig, train_set: TrainSet | str | os.PathLike, res
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+    guidance = training_guidance_features(train_set, cfg.guidance_feature_train) if cfg.visual_guidance else None
+    return TrainContext(cfg=cfg, train_set=train_set, out=out, key=key, accelerator=accelerator, unet=unet,
+                        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        noise_scheduler=noise_scheduler, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                        params=params, weight_dtype=weight_dtype, per_device_batch=per_device,
+                        total_steps=total, guidance=guidance,
+                        seen=torch.zeros(len(train_set), dtype=torch.long))
 
-    # ---- resume ("latest") or start fresh
-    history: list[dict[str, Any]] = []
-    global_step = 0
-    ckpt = latest_checkpoint(out, chash) if resume else None
-    if ckpt is None and accelerator.is_main_process and (out / "checkpoints").exists():
-        shutil.rmtree(out / "checkpoints")   # another configuration's (or unusable) checkpoints
-    if ckpt is not None:
-        for p in (out / "checkpoints").glob("checkpoint_*"):   # incomplete / newer-but-broken ones
-            if _ckpt_index(p) > _ckpt_index(ckpt) and accelerator.is_main_process:
-                shutil.rmtree(p)
-        accelerator.wait_for_everyone()
-        accelerator.load_state(str(ckpt))
-        accelerator.project_configuration.iteration = _ckpt_index(ckpt) + 1
-        state = json.loads((ckpt / STATE_FILE).read_text())
-        global_step = int(state["global_step"])
-        history = state["history"]
-        accelerator.print(f"resumed from {ckpt.name} at step {global_step}/{cfg.max_train_steps}")
-    log_path = out / "steps.jsonl"
-    if accelerator.is_main_process:
+
+def resume_or_start(ctx: TrainContext, resume: bool = True) -> None:
+    """Load the latest complete checkpoint of this cache key ("latest" semantics) or start at step 0
+    (other keys' or broken checkpoints are removed)."""
+    acc, out = ctx.accelerator, ctx.out
+    ckpt = latest_checkpoint(out, ctx.key) if resume else None
+    if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(log_path) as tmp:   # the log holds exactly the steps in the current weights
-            tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
-    accelerator.wait_for_everyone()
+        if ckpt is None and (out / "checkpoints").exists():
+            shutil.rmtree(out / "checkpoints")
+        elif ckpt is not None:
+            for p in (out / "checkpoints").glob("checkpoint_*"):   # incomplete / newer-but-broken ones
+                if _ckpt_index(p) > _ckpt_index(ckpt):
+                    shutil.rmtree(p)
+    acc.wait_for_everyone()
+    if ckpt is not None:
+        acc.load_state(str(ckpt))
+        acc.project_configuration.iteration = _ckpt_index(ckpt) + 1
+        state = json.loads((ckpt / STATE_FILE).read_text())
+        ctx.global_step = int(state["global_step"])
+        ctx.history = list(state["history"])
+        acc.print(f"resumed from {ckpt.name} at step {ctx.global_step}/{ctx.total_steps}")
+    ctx.start_step = ctx.global_step
 
-    resolution = int(train_set.images.shape[-1])
-    n = len(train_set)
-    bs, acc = cfg.train_batch_size, cfg.gradient_accumulation_steps
-    unet.train()
-    t0 = time.time()
-    start_step = global_step
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    logf = open(log_path, "a") if accelerator.is_main_process else None
-    try:
-        while global_step < cfg.max_train_steps:
-            sums = {"loss": 0.0, "l_simple": 0.0, "l_dm": 0.0}
-            for a in range(acc):
-                micro = global_step * acc + a
-                idx = batch_indices(micro, bs, n, cfg.seed, rank, world)
-                g = step_generator(cfg.seed, micro, rank)
-                pixels = train_set.images[idx].float().div(127.5).sub(1.0)
-                if cfg.random_flip:
-                    flip = torch.rand(len(idx), generator=g) < 0.5
-                    pixels[flip] = pixels[flip].flip(-1)
-                pixels = pixels.to(device, weight_dtype)
-                emb = train_set.image_embeds[idx] if cfg.visual_guidance else None
-                with torch.no_grad():
-                    latents = vae.encode(pixels).latent_dist.sample(generator=g) * vae.config.scaling_factor
-                    hidden = condition(text_encoder, tokenizer, [train_set.prompts[i] for i in idx], emb)
-                hidden = hidden.to(device, weight_dtype)
-                if cfg.channels_last:
-                    latents = latents.contiguous(memory_format=torch.channels_last)
-                with accelerator.accumulate(unet):
-                    with accelerator.autocast():
-                        loss, ls, ld = diffusion_loss(unet, latents, hidden, noise_scheduler, cfg, g)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                vals = accelerator.gather(torch.stack([loss.detach().float(), ls.float(), ld.float()])
-                                          .reshape(1, 3)).reshape(-1, 3).mean(0)
-                for k, v in zip(("loss", "l_simple", "l_dm"), vals.tolist()):
-                    sums[k] += v / acc
-            if not accelerator.sync_gradients:  # cannot happen with our stepping; keep the invariant
-                raise RuntimeError("gradient accumulation out of sync")
-            rec = {"step": global_step, **{k: round(v, 7) for k, v in sums.items()},
-                   "lr": lr_scheduler.get_last_lr()[0]}
-            history.append(rec)
-            global_step += 1
-            if logf is not None:
-                logf.write(json.dumps(rec) + "\n")
-                logf.flush()
-            if cfg.log_every and global_step % cfg.log_every == 0:
-                accelerator.print(f"step {global_step}/{cfg.max_train_steps} loss {sums['loss']:.4f} "
-                                  f"(L_simple {sums['l_simple']:.4f}, L_DM {sums['l_dm']:.5f})")
-            if global_step % cfg.checkpoint_every == 0 and global_step < cfg.max_train_steps:
-                path = accelerator.save_state()
-                if accelerator.is_main_process:
-                    write_json(Path(path) / STATE_FILE, {"global_step": global_step, "history": history,
-                                                         "config_hash": chash})
-                accelerator.wait_for_everyone()
-                unit_finished("checkpoint")  # tests: REALFAKE_KILL_AFTER_UNITS=checkpoint:<n> stops here
-            if cfg.sleep_per_step:
-                time.sleep(cfg.sleep_per_step)
-    finally:
+
+def _open_log(path: Path):
+    """Append to steps.jsonl (never replaced), after closing a line a killed writer left torn."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+        if torn:
+            with open(path, "a") as f:
+                f.write("\n")
+    return open(path, "a")
+
+
+def _train_step(ctx: TrainContext) -> dict[str, Any]:
+    """One optimizer step (``gradient_accumulation_steps`` micro-batches on every process)."""
+    import torch
+
+    cfg, acc, ts = ctx.cfg, ctx.accelerator, ctx.train_set
+    device, n, bs, accum = acc.device, len(ts), ctx.per_device_batch, cfg.gradient_accumulation_steps
+    sums = {"loss": 0.0, "l_simple": 0.0, "l_dm": 0.0}
+    n_samples = 0
+    for a in range(accum):
+        micro = ctx.global_step * accum + a
+        idx = batch_indices(micro, bs, n, cfg.seed, ctx.rank, ctx.world)
+        ctx.seen.index_add_(0, torch.tensor(idx), torch.ones(len(idx), dtype=torch.long))
+        g = step_generator(cfg.seed, micro, ctx.rank)
+        pixels = ts.images[idx].float().div(127.5).sub(1.0)
+        if cfg.random_flip:
+            flip = torch.rand(len(idx), generator=g) < 0.5
+            pixels[flip] = pixels[flip].flip(-1)
+        pixels = pixels.to(device, ctx.weight_dtype)
+        emb = ctx.guidance[idx] if ctx.guidance is not None else None
+        with torch.no_grad():
+            latents = ctx.vae.encode(pixels).latent_dist.sample(generator=g) * ctx.vae.config.scaling_factor
+            hidden = condition(ctx.text_encoder, ctx.tokenizer, [ts.prompts[i] for i in idx], emb,
+                               cfg.guidance_token_position)
+        hidden = hidden.to(device, ctx.weight_dtype)
+        if cfg.channels_last:
+            latents = latents.contiguous(memory_format=torch.channels_last)
+        with acc.accumulate(ctx.unet):
+            with acc.autocast():
+                loss, ls, ld = diffusion_loss(ctx.unet, latents, hidden, ctx.noise_scheduler, cfg, g)
+            acc.backward(loss)
+            if acc.sync_gradients and cfg.max_grad_norm > 0:
+                acc.clip_grad_norm_(ctx.params, cfg.max_grad_norm)
+            ctx.optimizer.step()
+            ctx.lr_scheduler.step()
+            ctx.optimizer.zero_grad(set_to_none=True)
+        vals = acc.gather(torch.tensor([[loss.detach().float().item(), ls.float().item(),
+                                         ld.float().item(), float(len(idx))]], device=device)).reshape(-1, 4)
+        for k, v in zip(("loss", "l_simple", "l_dm"), vals[:, :3].mean(0).tolist()):
+            sums[k] += v / accum
+        n_samples += int(vals[:, 3].sum().item())
+    if not acc.sync_gradients:  # cannot happen with our stepping; keep the invariant
+        raise RuntimeError("gradient accumulation out of sync")
+    prev = ctx.history[-1]["samples_seen"] if ctx.history else 0
+    return {"step": ctx.global_step, **{k: round(v, 7) for k, v in sums.items()},
+            "lr": ctx.lr_scheduler.get_last_lr()[0], "samples": n_samples,
+            "samples_seen": prev + n_samples, "key": ctx.key}
+
+
+def save_checkpoint(ctx: TrainContext) -> None:
+    """``accelerator.save_state`` (LoRA weights, optimizer, scheduler, RNG), then the state file last."""
+    path = ctx.accelerator.save_state()
+    if ctx.accelerator.is_main_process:
+        write_json(Path(path) / STATE_FILE, {"global_step": ctx.global_step, "history": ctx.history,
+                                             "config_hash": ctx.key})
+    ctx.accelerator.wait_for_everyone()
+    unit_finished("checkpoint")   # the kill tests' deterministic stop point (REALFAKE_KILL_AFTER_UNITS)
+
+
+def train_one_epoch(ctx: TrainContext, epoch: int, logf=None) -> int:
+    """Optimizer steps of pass ``epoch`` over the data (``steps_per_epoch`` of the global batch; the
+    last pass ends at the total), from the current step; checkpoints every ``checkpoint_every``
+    steps. Returns the steps done."""
+    cfg = ctx.cfg
+    stop = min(ctx.total_steps, (epoch + 1) * cfg.steps_per_epoch(len(ctx.train_set)))
+    done = 0
+    while ctx.global_step < stop:
+        rec = _train_step(ctx)
+        ctx.history.append(rec)
+        ctx.global_step += 1
+        done += 1
         if logf is not None:
-            logf.close()
-    elapsed = time.time() - t0
-    accelerator.wait_for_everyone()
+            logf.write(json.dumps(rec) + "\n")
+            logf.flush()
+        if cfg.log_every and ctx.global_step % cfg.log_every == 0:
+            ctx.accelerator.print(f"step {ctx.global_step}/{ctx.total_steps} loss {rec['loss']:.4f} "
+                                  f"(L_simple {rec['l_simple']:.4f}, L_DM {rec['l_dm']:.5f})")
+        if ctx.global_step % cfg.checkpoint_every == 0 and ctx.global_step < ctx.total_steps:
+            save_checkpoint(ctx)
+        if cfg.sleep_per_step:
+            time.sleep(cfg.sleep_per_step)
+    return done
+
+
+def _replayed_counts(ctx: TrainContext, steps: int):
+    """How often each sample was drawn in the first ``steps`` optimizer steps (all processes): the
+    pure data-order function replayed, for the steps of earlier sessions of a resumed run."""
+    import torch
+
+    counts = torch.zeros(len(ctx.train_set), dtype=torch.long)
+    cfg = ctx.cfg
+    per_micro = ctx.per_device_batch * ctx.world
+    for micro in range(steps * cfg.gradient_accumulation_steps):
+        idx = batch_indices(micro, per_micro, len(ctx.train_set), cfg.seed)
+        counts.index_add_(0, torch.tensor(idx), torch.ones(len(idx), dtype=torch.long))
+    return counts
+
+
+def save_final(ctx: TrainContext, seconds: float) -> dict[str, Any]:
+    """LoRA weights, ``train_config.json`` (summary), then ``DONE.json`` last (``rundir.mark_done``
+    with the SHA-256 of the weights, the summary and steps.jsonl); checkpoints removed."""
+    import torch
+
+    acc = ctx.accelerator
+    seen = acc.reduce(ctx.seen.to(acc.device), reduction="sum").cpu() + _replayed_counts(ctx, ctx.start_step)
     summary: dict[str, Any] = {}
-    if accelerator.is_main_process:
-        save_lora(accelerator.unwrap_model(unet), out)
-        done = global_step - start_step
+    if acc.is_main_process:
+        save_lora(acc.unwrap_model(ctx.unet), ctx.out)
+        done = ctx.global_step - ctx.start_step
+        n = len(ctx.train_set)
+        device = acc.device
+        last = ctx.history[-1] if ctx.history else {}
         summary = {
-            "variant": cfg.variant, "config": cfg.to_dict(), "config_hash": chash,
-            "train_set": {"n": n, "fingerprint": train_set.fingerprint(), "resolution": resolution},
-            "steps": global_step, "steps_this_session": done, "resumed_from_step": start_step,
-            "seconds_this_session": round(elapsed, 2),
-            "steps_per_s": round(done / elapsed, 3) if elapsed > 0 and done else None,
-            "samples_per_s": round(done * bs * acc * world / elapsed, 2) if elapsed > 0 and done else None,
-            "num_processes": world, "mixed_precision": accelerator.mixed_precision,
-            "device": str(device), "final_loss": history[-1]["loss"] if history else None,
-            "trainable_params": int(sum(p.numel() for p in params)),
+            "variant": ctx.cfg.variant, "config": ctx.cfg.to_dict(), "config_hash": ctx.key,
+            "train_set": {"n": n, "fingerprint": ctx.train_set.fingerprint(),
+                          "resolution": int(ctx.train_set.images.shape[-1])},
+            "steps": ctx.global_step, "steps_this_session": done, "resumed_from_step": ctx.start_step,
+            "seconds_this_session": round(seconds, 2),
+            "steps_per_s": round(done / seconds, 3) if seconds > 0 and done else None,
+            "samples_per_s": round(done * ctx.cfg.global_batch_size / seconds, 2) if seconds > 0 and done else None,
+            "num_processes": ctx.world, "per_device_batch_size": ctx.per_device_batch,
+            "global_batch_size": ctx.cfg.global_batch_size,
+            "samples_seen": int(seen.sum()), "passes_min": int(seen.min()), "passes_max": int(seen.max()),
+            "epochs_seen": round(float(seen.sum()) / n, 4),
+            "mixed_precision": acc.mixed_precision, "device": str(device),
+            "final_loss": last.get("loss"), "final_l_simple": last.get("l_simple"),
+            "final_l_dm": last.get("l_dm"),
+            "trainable_params": int(sum(p.numel() for p in ctx.params)),
             "peak_cuda_mem_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
             if device.type == "cuda" else None,
             "weights": LORA_WEIGHT_NAME, "reused": False,
         }
-        write_json(done_file, summary)
-        if (out / "checkpoints").exists():
-            shutil.rmtree(out / "checkpoints")   # finished: the final weights supersede them
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+        write_json(ctx.out / SUMMARY_NAME, summary)
+        mark_done(ctx.out, ctx.key, [LORA_WEIGHT_NAME, SUMMARY_NAME, LOG_NAME], info=summary)
+        if (ctx.out / "checkpoints").exists():
+            shutil.rmtree(ctx.out / "checkpoints")   # finished: the final weights supersede them
+    acc.wait_for_everyone()
     return summary
 
 
-def read_history(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The per-step log (steps.jsonl) of a LoRA folder."""
-    path = Path(out_dir) / "steps.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+def train_lora(cfg: FinetuneConfig, train_set: TrainSet | str | os.PathLike, resume: bool = True,
+               force: bool = False) -> dict[str, Any]:
+    """Fine-tune LoRA weights on ``train_set``; returns the summary (also in train_config.json and in
+    ``DONE.json``'s info).
+
+    - Reuses a finished run of the same cache key (:func:`lora_key`, :func:`is_trained`) unless
+      ``force``; a folder without a valid ``DONE.json`` (a killed or concurrent run, copied pieces) is
+      trained again.
+    - Resumes from the latest complete checkpoint of the same key (``resume=True``).
+    - Call it directly (one process) or under ``accelerate launch`` / ``notebook_launcher``: the
+      per-device batch is ``global_batch_size / (processes x accumulation)``.
+    """
+    import torch
+
+    cfg.validate()
+    if not cfg.output_dir:
+        raise ValueError("output_dir is empty")
+    if not isinstance(train_set, TrainSet):
+        train_set = load_train_set(train_set)
+    if cfg.visual_guidance and train_set.image_embeds is None:
+        raise ValueError("visual_guidance=True but the training set has no CLIP image embeddings")
+    out = Path(cfg.output_dir)
+    key = lora_key(cfg, train_set.fingerprint())
+    if not force and is_trained(out, key):
+        return dict(done_info(out), reused=True)
+
+    ctx = setup_training(cfg, train_set, key)
+    if ctx.accelerator.is_main_process:
+        (out / "DONE.json").unlink(missing_ok=True)   # whatever was here is not this key's finished unit
+    resume_or_start(ctx, resume)
+    device = ctx.accelerator.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    ctx.unet.train()
+    t0 = time.time()
+    logf = _open_log(out / LOG_NAME) if ctx.accelerator.is_main_process else None
+    try:
+        spe = cfg.steps_per_epoch(len(train_set))
+        for epoch in range(ctx.global_step // spe, -(-ctx.total_steps // spe)):
+            train_one_epoch(ctx, epoch, logf)
+    finally:
+        if logf is not None:
+            logf.close()
+    elapsed = time.time() - t0
+    ctx.accelerator.wait_for_everyone()
+    summary = save_final(ctx, elapsed)
+    ctx.accelerator.end_training()
+    return summary
+
+
+def read_history(out_dir: str | os.PathLike, key: str | None = None) -> list[dict[str, Any]]:
+    """The per-step log of a LoRA folder, one entry per step in step order: of cache ``key`` (default:
+    the finished unit's key, else the key of the last line), the last line of each step winning (a
+    resumed run appends the steps it replays). Torn lines (a killed writer) are skipped."""
+    path = Path(out_dir) / LOG_NAME
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    if not rows:
+        return []
+    if key is None:
+        marker = Path(out_dir) / "DONE.json"
+        key = read_json(marker).get("key") if marker.exists() else rows[-1].get("key")
+    by_step: dict[int, dict] = {}
+    for r in rows:
+        if r.get("key") == key:
+            by_step[int(r["step"])] = r
+    return [by_step[s] for s in sorted(by_step)]
 
 
 def _train_from_files(cfg_dict: dict[str, Any], train_set_path: str) -> None:
@@ -679,16 +778,18 @@ def launch_training(cfg: FinetuneConfig, train_set_path: str | os.PathLike,
 
     Multi-GPU goes through ``accelerate.notebook_launcher`` (from a notebook, CUDA must not be
     initialised yet in the kernel); if CUDA already is, it falls back to ``accelerate launch -m
-    realfake_utils.finetune`` in a subprocess. Returns the summary in train_config.json.
+    realfake_utils.finetune`` in a subprocess. Returns the summary of the finished unit.
     """
     import torch
-
-    from .rundir import read_json
 
     n_gpu = torch.cuda.device_count() if cfg.device != "cpu" else 0
     num_processes = num_processes or n_gpu
     if num_processes <= 1:
         return train_lora(cfg, train_set_path)
+    ts = load_train_set(train_set_path)
+    key = lora_key(cfg, ts.fingerprint())
+    if is_trained(cfg.output_dir, key):
+        return dict(done_info(cfg.output_dir), reused=True)
     if not torch.cuda.is_initialized():
         from accelerate import notebook_launcher
 
@@ -701,7 +802,10 @@ def launch_training(cfg: FinetuneConfig, train_set_path: str | os.PathLike,
                "--num_processes", str(num_processes), "-m", "realfake_utils.finetune",
                "--train-set", str(train_set_path), *config_to_argv(cfg)]
         subprocess.run(cmd, check=True)
-    return read_json(Path(cfg.output_dir) / "train_config.json")
+    if not is_trained(cfg.output_dir, key):
+        raise RuntimeError(f"{cfg.output_dir}: the {num_processes}-process training ended without a "
+                           "finished LoRA (DONE.json); see the output above")
+    return done_info(cfg.output_dir)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -709,10 +813,14 @@ def launch_training(cfg: FinetuneConfig, train_set_path: str | os.PathLike,
 # --------------------------------------------------------------------------------------------------
 def sample_per_class(pipe, class_names: Sequence[str], n_per_class: int, class_embeds=None,
                      num_inference_steps: int = 25, guidance_scale: float = 2.0, seed: int = 0,
-                     batch_size: int = 64, negative_prompt: str | None = None):
-    """Generate ``n_per_class`` images per class with prompt ``photo of <class>``; with
-    ``class_embeds`` [C, D] the class-mean CLIP embedding replaces the last prompt token (visual
-    guidance at generation). Returns (uint8 [C*n, 3, H, W], labels int64 [C*n])."""
+                     batch_size: int = 64, negative_prompt: str | None = None,
+                     height: int | None = None, width: int | None = None,
+                     guidance_token_position: str = "append"):
+    """Generate ``n_per_class`` images per class with prompt ``photo of <class>`` at ``height`` x
+    ``width`` (default: the pipeline's); with ``class_embeds`` [C, D] the class-mean CLIP embedding
+    is the visual guidance token at ``guidance_token_position`` (the negative prompt padded to the
+    same length). Returns (uint8 [C*n, 3, H, W], labels int64 [C*n]); empty tensors for
+    ``n_per_class == 0``."""
     import numpy as np
     import torch
 
@@ -720,7 +828,10 @@ def sample_per_class(pipe, class_names: Sequence[str], n_per_class: int, class_e
 
     if negative_prompt is None:
         negative_prompt = features.NEGATIVE_PROMPT
-    labels = [c for c in range(len(class_names)) for _ in range(n_per_class)]
+    labels = [c for c in range(len(class_names)) for _ in range(int(n_per_class))]
+    if not labels:
+        h = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        return torch.zeros(0, 3, h, width or h, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
     device = pipe.unet.device
     dtype = pipe.unet.dtype
     out = []
@@ -729,17 +840,227 @@ def sample_per_class(pipe, class_names: Sequence[str], n_per_class: int, class_e
         prompts = [features.build_prompt(class_names[c]) for c in lab]
         emb = None
         if class_embeds is not None:
-            emb = torch.as_tensor(class_embeds)[lab].float()
+            emb = torch.as_tensor(class_embeds)[lab].float().to(device)
         with torch.no_grad():
-            pe = condition(pipe.text_encoder, pipe.tokenizer, prompts,
-                           emb.to(device) if emb is not None else None).to(device, dtype)
-            ne = features.encode_prompts(pipe.text_encoder, pipe.tokenizer,
-                                         [negative_prompt] * len(lab)).to(device, dtype)
+            pe = condition(pipe.text_encoder, pipe.tokenizer, prompts, emb,
+                           guidance_token_position).to(device, dtype)
+            ne = features.encode_prompts(pipe.text_encoder, pipe.tokenizer, [negative_prompt] * len(lab))
+            if emb is not None:
+                ne = features.guidance_prompt_embeds(ne, None, guidance_token_position)
+            ne = ne.to(device, dtype)
         g = torch.Generator().manual_seed(int(seed) * 100_003 + start)
         res = pipe(prompt_embeds=pe, negative_prompt_embeds=ne, num_inference_steps=num_inference_steps,
-                   guidance_scale=guidance_scale, generator=g, output_type="np")
+                   guidance_scale=guidance_scale, generator=g, output_type="np", height=height, width=width)
         out.append(torch.from_numpy((np.clip(res.images, 0, 1) * 255).round().astype("uint8")).permute(0, 3, 1, 2))
     return torch.cat(out), torch.tensor(labels)
+
+
+# --------------------------------------------------------------------------------------------------
+# 02 as one call: every LoRA variant, samples before / after, MMD before / after, the record
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class SampleSettings:
+    """02's before / after samples (not part of any LoRA's key)."""
+    n_per_class: int = 20
+    num_inference_steps: int = 20
+    guidance_scale: float = 2.0
+    lora_scale: float = 1.0
+    use_negative_prompt: bool = False
+    image_size: int = 0                 # height = width of the samples (0: the pipeline's default)
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> "SampleSettings":
+        from .params import notebook_defaults
+
+        p = dict(notebook_defaults("02_finetune"))
+        p.update({k: v for k, v in params.items() if k in p})
+        return cls(n_per_class=int(p["n_per_class"]), num_inference_steps=int(p["sample_steps"]),
+                   guidance_scale=float(p["guidance_scale"]), lora_scale=float(p["lora_scale"]),
+                   use_negative_prompt=bool(p["use_negative_prompt"]), image_size=int(p["image_size"]))
+
+
+@dataclass
+class VariantResult:
+    """One trained LoRA variant (a Table 2 row's generator)."""
+    name: str
+    path: str                            # relative to the run folder
+    steps: int
+    samples_seen: int
+    epochs_seen: float
+    passes_min: int
+    passes_max: int
+    final_loss: Optional[float]
+    final_l_simple: Optional[float]
+    final_l_dm: Optional[float]
+    reused: bool
+    seconds: float
+    config_key: str
+    num_processes: int
+    before: str = ""                     # the base-model sample set it is compared with (base-vg | base-novg)
+    mmd2_before: Optional[float] = None
+    mmd2_after: Optional[float] = None
+    samples: str = ""                    # relative path of its samples (safetensors), "" when none
+    probe_accuracy: Optional[float] = None
+
+
+@dataclass
+class FinetuneRecord(Record):
+    """02's results: the resolved configuration (06 rebuilds exactly this), each LoRA variant."""
+    STEP = "02_finetune"
+    config: dict[str, Any]
+    main_variant: str
+    variants: dict[str, VariantResult]
+    base_samples: dict[str, str] = field(default_factory=dict)    # base-vg / base-novg -> samples path
+    base_mmd2: dict[str, float] = field(default_factory=dict)
+    mmd2_real_test: Optional[float] = None                         # the noise floor (real train vs test)
+    mmd_bandwidth: Optional[float] = None
+    n_train: int = 0
+    sampling: dict[str, Any] = field(default_factory=dict)
+
+    def config_of(self, variant: str) -> dict[str, Any]:
+        """The resolved configuration a variant was trained with (for :meth:`FinetuneConfig.from_record`)."""
+        if variant not in self.variants:
+            raise KeyError(f"02 trained no LoRA '{variant}' (it trained {sorted(self.variants)}): add it "
+                           "to 02's `variants` and rerun 02")
+        sw = parse_variant(variant)
+        return dict(self.config, dm_loss=sw["dm_loss"], dm_loss_form=sw["dm_loss_form"],
+                    visual_guidance=sw["visual_guidance"])
+
+    def lora_dir(self, run: Any, variant: str) -> Path:
+        return Path(getattr(run, "root", run)) / self.variants[variant].path
+
+    def history(self, run: Any, variant: str) -> list[dict[str, Any]]:
+        return read_history(self.lora_dir(run, variant), self.variants[variant].config_key)
+
+    def load_samples(self, run: Any, name: str):
+        """``(images uint8 [M, 3, H, W], labels [M])`` of a variant's or base set's samples."""
+        rel = self.variants[name].samples if name in self.variants else self.base_samples.get(name, "")
+        if not rel:
+            raise KeyError(f"no samples of '{name}' in 02's record (n_per_class = 0?)")
+        from safetensors.torch import load_file
+
+        t = load_file(str(Path(getattr(run, "root", run)) / rel))
+        return t["images"], t["labels"]
+
+
+def _save_samples(path: Path, images, labels) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({"images": images.contiguous(), "labels": labels.long().contiguous()}, str(tmp))
+
+
+def _clip_features(clip_model: str, images, device: str):
+    from . import features
+
+    with tempfile.TemporaryDirectory() as d:
+        return features.extract_clip_features(clip_model, images, [str(i) for i in range(len(images))],
+                                              Path(d) / "f.safetensors", device=device, progress=False).float()
+
+
+def train_variants(run: Any, cfg: FinetuneConfig, variants: Sequence[str], clip_model: str = "",
+                   image_size: int = 0, sampling: SampleSettings | None = None,
+                   num_processes: int | None = None, main_variant: str = "",
+                   log=print) -> FinetuneRecord:
+    """The whole of 02 in one call (Sec. 3.1-3.2, Table 2).
+
+    1. the target train split as a :class:`TrainSet` (images at ``image_size``, prompts, CLIP
+       embeddings of ``clip_model``, default the run's miniature CLIP);
+    2. each LoRA variant of :func:`resolve_variants` (``lora-dm-*`` take ``cfg.dm_loss_form``),
+       trained with ``cfg`` and the variant's switches into ``artifacts/lora/<variant>`` (reused when
+       finished with the same key, resumed when interrupted);
+    3. unless ``sampling.n_per_class == 0``: samples of the base model (``base-vg`` / ``base-novg``)
+       and of each variant (LoRA scale ``sampling.lora_scale``) at ``image_size``, the same seeds;
+       MMD^2 in CLIP space to the real train features (Gaussian kernel, bandwidth from the median
+       heuristic on the real train features), before (the base model with the same guidance) and
+       after; the real train vs test MMD^2 as the noise floor;
+    4. the :class:`FinetuneRecord`, saved to ``results/02_finetune.json``.
+    """
+    import torch
+
+    from . import data, features, losses, models
+
+    root = Path(getattr(run, "root", run))
+    art = root / "artifacts"
+    clip = clip_model or str(art / "miniature" / "clip")
+    names = resolve_variants(variants, cfg.dm_loss_form)
+    if main_variant:
+        names = list(dict.fromkeys([*resolve_variants([main_variant], cfg.dm_loss_form), *names]))
+    if not names:
+        raise ValueError("train_variants: no LoRA variant to train (variants lists only base-* names)")
+    if not image_size:
+        image_size = _model_resolution(cfg.base_model)
+    ts_path = build_train_set(root, image_size, clip_model=clip, device=cfg.device)
+    ts = load_train_set(ts_path)
+    summaries: dict[str, dict[str, Any]] = {}
+    for name in names:
+        sw = parse_variant(name)
+        vcfg = cfg.replace(dm_loss=sw["dm_loss"], dm_loss_form=sw["dm_loss_form"],
+                           visual_guidance=sw["visual_guidance"], output_dir=str(art / "lora" / name))
+        s = launch_training(vcfg, ts_path, num_processes)
+        summaries[name] = s
+        how = "reused" if s.get("reused") else f"{s['steps_this_session']} steps in {s['seconds_this_session']:.0f}s"
+        log(f"{name}: {how}, {s['steps']} steps, {s['samples_seen']} samples seen "
+            f"({s['epochs_seen']} passes over {len(ts)} images), final loss {s['final_loss']:.4f}")
+
+    results = {
+        name: VariantResult(
+            name=name, path=Record.rel(root, art / "lora" / name), steps=int(s["steps"]),
+            samples_seen=int(s["samples_seen"]), epochs_seen=float(s["epochs_seen"]),
+            passes_min=int(s["passes_min"]), passes_max=int(s["passes_max"]), final_loss=s.get("final_loss"),
+            final_l_simple=s.get("final_l_simple"), final_l_dm=s.get("final_l_dm"),
+            reused=bool(s.get("reused")), seconds=float(s.get("seconds_this_session") or 0.0),
+            config_key=s["config_hash"], num_processes=int(s.get("num_processes", 1)),
+            before=variant_name(False, False, parse_variant(name)["visual_guidance"]))
+        for name, s in summaries.items()}
+    sampling = sampling or SampleSettings(n_per_class=0)
+    rec = FinetuneRecord(config=cfg.replace(output_dir="").to_dict(),
+                         main_variant=names[0], variants=results, n_train=len(ts),
+                         sampling=dataclasses.asdict(sampling))
+    if sampling.n_per_class > 0:
+        rows = data.read_manifest(art / "data" / "manifest.csv")
+        class_names = data.class_names(rows)
+        size = sampling.image_size or image_size
+        pipe = models.load_pipeline(cfg.base_model, device=cfg.device, scheduler=None)
+        class_means = features.class_mean_features(ts.image_embeds, ts.labels, len(class_names))
+        neg = features.NEGATIVE_PROMPT if sampling.use_negative_prompt else ""
+        real = ts.image_embeds.float()
+        bandwidth = losses.median_bandwidth(real)
+        rec.mmd_bandwidth = bandwidth
+        test_rows = [r for r in rows if r["split"] == "test"]
+        if len(test_rows) >= 2:
+            test_feats = features.extract_clip_features(
+                clip, data.load_images(test_rows, image_size), [r["id"] for r in test_rows],
+                art / "features" / "clip_image.safetensors", device=cfg.device, progress=False).float()
+            rec.mmd2_real_test = float(losses.mmd2(real, test_feats, bandwidth=bandwidth))
+        kw = dict(num_inference_steps=sampling.num_inference_steps, guidance_scale=sampling.guidance_scale,
+                  seed=cfg.seed, negative_prompt=neg, height=size, width=size,
+                  guidance_token_position=cfg.guidance_token_position)
+        sample_dir = art / "lora" / "samples"
+        for vg in sorted({parse_variant(n)["visual_guidance"] for n in names}):
+            bname = variant_name(False, False, vg)
+            imgs, labels = sample_per_class(pipe, class_names, sampling.n_per_class,
+                                            class_means if vg else None, **kw)
+            _save_samples(sample_dir / f"{bname}.safetensors", imgs, labels)
+            rec.base_samples[bname] = Record.rel(root, sample_dir / f"{bname}.safetensors")
+            rec.base_mmd2[bname] = float(losses.mmd2(real, _clip_features(clip, imgs, cfg.device),
+                                                     bandwidth=bandwidth))
+        for name, res in results.items():
+            pipe.load_lora_weights(str(art / "lora" / name), adapter_name="ft")
+            pipe.set_adapters(["ft"], adapter_weights=[sampling.lora_scale])
+            try:
+                imgs, labels = sample_per_class(pipe, class_names, sampling.n_per_class,
+                                                class_means if parse_variant(name)["visual_guidance"] else None,
+                                                **kw)
+            finally:
+                pipe.unload_lora_weights()
+            _save_samples(sample_dir / f"{name}.safetensors", imgs, labels)
+            res.samples = Record.rel(root, sample_dir / f"{name}.safetensors")
+            res.mmd2_after = float(losses.mmd2(real, _clip_features(clip, imgs, cfg.device), bandwidth=bandwidth))
+            res.mmd2_before = rec.base_mmd2[res.before]
+            log(f"MMD2(real train, {name}) = {res.mmd2_after:.4f} (before: {res.before} {res.mmd2_before:.4f})")
+    rec.save(root)
+    return rec
 
 
 # --------------------------------------------------------------------------------------------------
@@ -768,8 +1089,9 @@ def _parse_bool(text: str) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m realfake_utils.finetune",
-        description="LoRA fine-tuning with the DM loss and the visual guidance token. Multi-GPU: "
-                    "accelerate launch -m realfake_utils.finetune --run-dir RUN [options].")
+        description="LoRA fine-tuning with the DM loss and the visual guidance token. Several processes: "
+                    "accelerate launch --num_processes N -m realfake_utils.finetune --run-dir RUN [options] "
+                    "(--global-batch-size stays the paper's; the per-device batch follows).")
     p.add_argument("--run-dir", default="", help="run folder (artifacts/lora/<variant>/ is written there)")
     p.add_argument("--train-set", default="", help="train set file (default <run>/artifacts/lora/"
                    f"{TRAIN_SET_NAME}, built from the run folder when missing)")
@@ -824,9 +1146,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             train_set = str(build_train_set(run_root, size, clip_model=args.clip_model, device=cfg.device))
     summary = train_lora(cfg, train_set, resume=not args.no_resume, force=args.force)
     if summary:
-        print(json.dumps({k: summary[k] for k in ("variant", "steps", "final_loss", "steps_per_s",
-                                                  "reused") if k in summary}))
+        print(json.dumps({k: summary[k] for k in ("variant", "steps", "samples_seen", "final_loss",
+                                                  "steps_per_s", "reused") if k in summary}))
     return summary
+
+
+__all__ = [
+    "DM_LOSS_FORMS", "GUIDANCE_FEATURES_TRAIN", "GUIDANCE_TOKEN_POSITIONS", "LORA_TARGET_MODULES",
+    "LORA_WEIGHT_NAME", "TABLE2_VARIANTS", "FinetuneConfig", "FinetuneRecord", "SampleSettings",
+    "TrainContext", "TrainSet", "VariantResult", "base_model_identity", "batch_indices",
+    "build_train_set", "condition", "diffusion_loss", "is_trained", "latest_checkpoint", "launch_training",
+    "load_train_set", "lora_key", "main", "parse_variant", "read_history", "resolve_variants",
+    "resume_or_start", "sample_per_class", "save_checkpoint", "save_final", "save_train_set",
+    "setup_training", "step_generator", "train_lora", "train_one_epoch", "train_variants",
+    "training_guidance_features", "variant_name",
+]
 
 
 if __name__ == "__main__":

@@ -537,3 +537,129 @@ def load_blip2(model: str | os.PathLike, device: str = "auto", dtype: torch.dtyp
                              f"a folder made with `huggingface-cli download {BLIP2_ID} --local-dir ...` "
                              "(or captioner='none')") from err
     return net.to(dev).eval(), processor
+
+
+def _read_model_config(model: str, subfolder: str = "") -> dict:
+    """``config.json`` of a local folder (or a cached hub id), as a dict, without loading weights."""
+    import json
+
+    from huggingface_hub import hf_hub_download
+
+    local = Path(str(model)).expanduser()
+    if local.is_dir():
+        path = local / subfolder / "config.json" if subfolder else local / "config.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist: '{model}' is not a "
+                                    f"{'diffusers pipeline' if subfolder else 'transformers model'} folder")
+        return json.loads(path.read_text())
+    try:
+        return json.loads(Path(hf_hub_download(str(model), "config.json", subfolder=subfolder or None))
+                          .read_text())
+    except Exception as err:  # noqa: BLE001 - offline / unknown id: one clear message
+        raise _offline_error(str(model), "the model config", err, "a local folder") from err
+
+
+def check_guidance_compatible(clip_model: str | os.PathLike, base_model: str | os.PathLike) -> dict:
+    """Check, from the config files alone (no weights loaded), that the visual guidance token fits:
+    the CLIP image embedding size (``projection_dim`` of ``clip_model``) must equal the width of the
+    base model's text encoder (``text_encoder/config.json`` ``hidden_size``), which must equal its
+    UNet's ``cross_attention_dim``. Works for the miniature folders, real ids in the HF cache and
+    local copies of them (CLIP ViT-L/14: 768, SD 1.5: 768). Returns the three sizes; a clear error
+    naming both models otherwise (01 calls it, so a mismatch stops before any compute)."""
+    ccfg = _read_model_config(str(clip_model))
+    proj = ccfg.get("projection_dim", (ccfg.get("vision_config") or {}).get("projection_dim"))
+    if proj is None:
+        raise ValueError(f"{clip_model}: no projection_dim in its config.json; is it a CLIP model "
+                         "(CLIPModel / CLIPVisionModelWithProjection)?")
+    text = _read_model_config(str(base_model), "text_encoder")["hidden_size"]
+    cross = _read_model_config(str(base_model), "unet").get("cross_attention_dim")
+    try:
+        check_guidance_compat(int(proj), int(text))
+    except ValueError as err:
+        raise ValueError(f"clip_model '{clip_model}' and base_model '{base_model}': {err}") from None
+    if cross is not None and int(cross) != int(text):
+        raise ValueError(f"base_model '{base_model}': its UNet's cross_attention_dim ({cross}) differs "
+                         f"from its text encoder's hidden size ({text}): not a Stable Diffusion folder")
+    return {"clip_projection_dim": int(proj), "text_hidden_size": int(text),
+            "unet_cross_attention_dim": int(cross) if cross is not None else None}
+
+
+# --------------------------------------------------------------------------------------------------
+# The paper's model shapes (no weights): Stable Diffusion 1.5 and CLIP ViT-L/14 from their configs
+# --------------------------------------------------------------------------------------------------
+def sd15_config() -> dict[str, dict]:
+    """The published configs of the paper's models, written out (no download): Stable Diffusion 1.5
+    (``runwayml/stable-diffusion-v1-5``: ``unet/``, ``vae/``, ``text_encoder/`` = CLIP ViT-L/14's text
+    tower, ``scheduler/`` = PNDM with the SD 1.x training betas) and the CLIP ViT-L/14 vision tower
+    (``openai/clip-vit-large-patch14``, 224 px, patch 14, projection 768). Keys: ``unet``, ``vae``,
+    ``text_encoder``, ``scheduler``, ``clip_vision``, ``clip_text``."""
+    text = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                layer_norm_eps=1e-5, projection_dim=768)
+    return {
+        "unet": dict(sample_size=64, in_channels=4, out_channels=4, center_input_sample=False,
+                     flip_sin_to_cos=True, freq_shift=0,
+                     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                       "CrossAttnDownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                                     "CrossAttnUpBlock2D"),
+                     block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1,
+                     mid_block_scale_factor=1, act_fn="silu", norm_num_groups=32, norm_eps=1e-5,
+                     cross_attention_dim=768, attention_head_dim=8),
+        "vae": dict(in_channels=3, out_channels=3, latent_channels=4, act_fn="silu",
+                    block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
+                    sample_size=512, down_block_types=("DownEncoderBlock2D",) * 4,
+                    up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215),
+        "text_encoder": dict(text),
+        "scheduler": dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                          num_train_timesteps=1000, skip_prk_steps=True, set_alpha_to_one=False,
+                          steps_offset=1, prediction_type="epsilon"),
+        "clip_text": dict(text),
+        "clip_vision": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                            num_attention_heads=16, image_size=224, patch_size=14,
+                            hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768),
+    }
+
+
+def build_sd15_shapes(out_dir: str | os.PathLike, words: Iterable[str] = (), seed: int = 0) -> Path:
+    """A ``StableDiffusionPipeline`` folder with SD 1.5's exact architecture (:func:`sd15_config`)
+    and random weights, saved like the real one (safetensors, vocab.json + merges.txt tokenizer with
+    77 positions; the vocabulary holds ``words`` plus the byte symbols, the embedding table has SD's
+    49,408 rows). About 1.07 B parameters (4 GB in fp32)."""
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = sd15_config()
+    torch.manual_seed(seed)
+    tok = build_tokenizer(list(words) + ["photo", "of"], None, model_max_length=77)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"], bos_token_id=tok.bos_token_id,
+                                                eos_token_id=tok.eos_token_id,
+                                                pad_token_id=tok.pad_token_id))
+    unet = UNet2DConditionModel(**cfg["unet"])
+    vae = AutoencoderKL(**cfg["vae"])
+    return save_sd_pipeline(out_dir, vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,
+                            scheduler=PNDMScheduler(**cfg["scheduler"]))
+
+
+def build_clip_l14_shapes(out_dir: str | os.PathLike, words: Iterable[str] = (), seed: int = 0) -> Path:
+    """A ``CLIPModel`` folder with ViT-L/14's architecture (vision 24 x 1024, patch 14 at 224 px; text
+    12 x 768; projection 768; :func:`sd15_config`) and random weights, with its ``CLIPImageProcessor``
+    (224) and a CLIP tokenizer, the layout of ``openai/clip-vit-large-patch14``."""
+    from transformers import CLIPConfig, CLIPModel
+
+    cfg = sd15_config()
+    torch.manual_seed(seed)
+    tok = build_tokenizer(list(words) + ["photo", "of"], None, model_max_length=77)
+    config = CLIPConfig(text_config=dict(cfg["clip_text"], bos_token_id=tok.bos_token_id,
+                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+                        vision_config=cfg["clip_vision"], projection_dim=768)
+    model = CLIPModel(config).eval()
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        clip_image_processor(cfg["clip_vision"]["image_size"]).save_pretrained(tmp)
+        save_clip_tokenizer(tok, tmp / "_tok")
+        for f in (tmp / "_tok").iterdir():
+            os.replace(f, tmp / f.name)
+        (tmp / "_tok").rmdir()
+    return out_dir

@@ -38,6 +38,29 @@ def test_guidance_token_replaces_only_the_last_position():
         F.guidance_token(emb, torch.randn(3, 6))
 
 
+def test_guidance_prompt_embeds_append_and_replace_last():
+    """Sec. 3.2 (append: one more token after the text) vs the official code (replace the last one);
+    without a feature, `append` pads by repeating the last position so a negative prompt matches."""
+    torch.manual_seed(0)
+    emb, img = torch.randn(3, 5, 4), torch.randn(3, 4)
+    before = emb.clone()
+    app = F.guidance_prompt_embeds(emb, img, "append")
+    assert torch.equal(emb, before) and app.shape == (3, 6, 4)
+    assert torch.equal(app[:, :5], emb) and torch.equal(app[:, 5], img)
+    assert torch.equal(F.guidance_prompt_embeds(emb, img[0], "append")[:, 5], img[0].expand(3, 4))
+    assert torch.equal(F.guidance_prompt_embeds(emb, img, "replace_last"), F.guidance_token(emb, img))
+    pad = F.guidance_prompt_embeds(emb, None, "append")
+    assert pad.shape == (3, 6, 4) and torch.equal(pad[:, 5], emb[:, 4]) and torch.equal(pad[:, :5], emb)
+    assert torch.equal(F.guidance_prompt_embeds(emb, None, "replace_last"), emb)
+    assert F.guidance_prompt_embeds(emb.half(), img, "append").dtype == torch.float16
+    with pytest.raises(ValueError, match="append"):
+        F.guidance_prompt_embeds(emb, img, "prepend")
+    with pytest.raises(ValueError, match="768"):
+        F.guidance_prompt_embeds(emb, torch.randn(3, 6), "append")
+    with pytest.raises(ValueError, match="batch of 3"):
+        F.guidance_prompt_embeds(emb, torch.randn(2, 4), "append")
+
+
 def test_class_mean_features_by_hand():
     feats = torch.tensor([[1.0, 2.0], [3.0, 4.0], [10.0, 0.0], [5.0, 6.0]])
     labels = [0, 0, 1, 0]

@@ -38,7 +38,7 @@ def tiny(tmp_path_factory):
 
 
 def _cfg(tiny, out, **kw):
-    d = dict(base_model=tiny["base"], output_dir=str(out), max_train_steps=4, train_batch_size=4,
+    d = dict(base_model=tiny["base"], output_dir=str(out), max_train_steps=4, global_batch_size=4,
              learning_rate=1e-2, lora_rank=2, lora_alpha=2.0, checkpoint_every=2, device="cpu")
     d.update(kw)
     return ft.FinetuneConfig(**d)
@@ -138,10 +138,11 @@ def test_kill_and_resume(tiny, tmp_path):
     the step log is exactly 0..N-1 once, and the weights equal those of an uninterrupted run."""
     n_steps = 8
     ref = tmp_path / "ref"
-    ft.train_lora(_cfg(tiny, ref, max_train_steps=n_steps, gradient_accumulation_steps=2), tiny["ts"])
+    ft.train_lora(_cfg(tiny, ref, max_train_steps=n_steps, gradient_accumulation_steps=2, global_batch_size=8),
+                  tiny["ts"])
     out = tmp_path / "killed"
     argv = ["--train-set", tiny["ts_path"], "--base-model", tiny["base"], "--output-dir", str(out),
-            "--max-train-steps", str(n_steps), "--train-batch-size", "4", "--learning-rate", "1e-2",
+            "--max-train-steps", str(n_steps), "--global-batch-size", "8", "--learning-rate", "1e-2",
             "--lora-rank", "2", "--lora-alpha", "2", "--checkpoint-every", "2",
             "--gradient-accumulation-steps", "2", "--device", "cpu"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
@@ -186,3 +187,86 @@ def test_build_train_set_from_run_folder(tmp_path):
     mtime = path.stat().st_mtime_ns
     assert ft.build_train_set(tmp_path, 16, clip_model=str(clip), device="cpu") == path
     assert path.stat().st_mtime_ns == mtime                       # unchanged content: not rewritten
+
+
+def test_config_from_params_batch_math_and_record_round_trip():
+    from realfake_utils.params import notebook_defaults
+
+    nb = notebook_defaults("02_finetune")
+    cfg = ft.FinetuneConfig.from_params({"not_a_02_parameter": 1})      # one default: 02's parameters cell
+    assert cfg.global_batch_size == nb["global_batch_size"] and cfg.snr_gamma == nb["snr_gamma"]
+    assert cfg.guidance_token_position == nb["guidance_token_position"] == "append"
+    paper = ft.FinetuneConfig.from_params({"global_batch_size": 64, "num_train_epochs": 300,
+                                           "gradient_accumulation_steps": 2}, variant="lora-nodm-novg")
+    assert (paper.dm_loss, paper.visual_guidance) == (False, False)
+    assert paper.per_device_batch_size(8) == 4 and paper.per_device_batch_size(1) == 32
+    with pytest.raises(ValueError, match="not divisible"):
+        paper.per_device_batch_size(3)
+    assert paper.total_steps(100) == -(-300 * 100 // 64)              # passes over the data, any world size
+    assert ft.FinetuneConfig(max_train_steps=7).total_steps(100) == 7
+    with pytest.raises(ValueError, match="guidance_token_position"):
+        ft.FinetuneConfig.from_params({"guidance_token_position": "prepend"})
+    assert ft.FinetuneConfig.from_dict(paper.to_dict()) == paper
+    again = ft.FinetuneConfig.from_record(paper.to_dict(), variant="lora-dm-vg",
+                                          output_dir="/x")
+    assert again.replace(dm_loss=False, visual_guidance=False, output_dir="") == paper
+    assert ft.resolve_variants(ft.TABLE2_VARIANTS, "official") == [
+        "lora-nodm-novg", "lora-nodm-vg", "lora-dmofficial-novg", "lora-dmofficial-vg"]
+    assert ft.resolve_variants(["base-vg", "lora-dm-vg", "lora-dm-vg"]) == ["lora-dm-vg"]
+
+
+def test_guidance_token_position_and_training_feature(tiny):
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(tiny["base"], subfolder="tokenizer")
+    te = CLIPTextModel.from_pretrained(tiny["base"], subfolder="text_encoder")
+    emb = tiny["ts"].image_embeds[:2]
+    with torch.no_grad():
+        plain = ft.condition(te, tok, ["photo of one", "photo of two"])
+        appended = ft.condition(te, tok, ["photo of one", "photo of two"], emb, "append")
+    assert appended.shape == (2, plain.shape[1] + 1, 32)                 # Sec. 3.2: concatenated
+    assert torch.equal(appended[:, :-1], plain) and torch.allclose(appended[:, -1], emb)
+    ts = tiny["ts"]
+    means = ft.training_guidance_features(ts, "class_mean")
+    for c in range(len(CLASSES)):
+        sel = ts.labels == c
+        torch.testing.assert_close(means[sel], ts.image_embeds[sel].mean(0).expand(int(sel.sum()), -1))
+    assert torch.equal(ft.training_guidance_features(ts, "sample"), ts.image_embeds)
+
+
+def test_lora_reuse_is_keyed_on_content_and_partial_folders_are_redone(tiny, tmp_path):
+    """A copied folder (base model + LoRA, other absolute paths) reuses the LoRA; a folder whose
+    steps.jsonl was cut short after the fact, or one with weights + train_config.json but no DONE.json
+    (what a killed concurrent run leaves), is trained again."""
+    import shutil
+
+    a = tmp_path / "a"
+    shutil.copytree(tiny["base"], a / "base")
+    first = ft.train_lora(_cfg(tiny, a / "lora", base_model=str(a / "base")), tiny["ts"])
+    assert not first["reused"] and (a / "lora" / "DONE.json").exists()
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    copied = ft.train_lora(_cfg(tiny, b / "lora", base_model=str(b / "base")), tiny["ts"])
+    assert copied["reused"] and copied["config_hash"] == first["config_hash"]
+    log = b / "lora" / ft.LOG_NAME
+    log.write_text("".join(log.read_text().splitlines(keepends=True)[:2]))   # half-written log
+    assert not ft.is_trained(b / "lora", first["config_hash"])
+    redone = ft.train_lora(_cfg(tiny, b / "lora", base_model=str(b / "base")), tiny["ts"])
+    assert not redone["reused"] and [h["step"] for h in ft.read_history(b / "lora")] == [0, 1, 2, 3]
+    (b / "lora" / "DONE.json").unlink()                                      # weights + train_config.json only
+    assert not ft.train_lora(_cfg(tiny, b / "lora", base_model=str(b / "base")), tiny["ts"])["reused"]
+    other = ft.train_lora(_cfg(tiny, b / "lora", base_model=str(b / "base"), lora_rank=3), tiny["ts"])
+    assert not other["reused"] and other["config_hash"] != first["config_hash"]
+
+
+def test_sampling_with_zero_per_class_and_image_size(tiny):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny["base"], safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    imgs, labels = ft.sample_per_class(pipe, CLASSES, 0, class_embeds=torch.randn(3, 32))
+    assert imgs.shape == (0, 3, 16, 16) and labels.shape == (0,)             # no torch.cat([]) crash
+    imgs, _ = ft.sample_per_class(pipe, CLASSES[:1], 1, class_embeds=torch.randn(1, 32), num_inference_steps=2,
+                                  height=32, width=32, guidance_token_position="replace_last")
+    assert imgs.shape == (1, 3, 32, 32)

@@ -129,6 +129,19 @@ def test_guidance_compat_mismatch_is_a_clear_error():
         F.guidance_token(torch.zeros(1, 4, 32), torch.zeros(1, 24))
 
 
+def test_check_guidance_compatible_reads_configs_of_folders(tiny_sd, tiny_clip, tmp_path):
+    """From config files only: a 32-d CLIP fits the 32-wide tiny SD; the 24-d one does not, and the
+    error names both models; a folder that is no model is a clear error."""
+    ok = M.build_tiny_clip(tmp_path / "clip32", image_size=16, projection_dim=32, words=WORDS)
+    sizes = M.check_guidance_compatible(ok, tiny_sd)
+    assert sizes == {"clip_projection_dim": 32, "text_hidden_size": 32, "unet_cross_attention_dim": 32}
+    with pytest.raises(ValueError) as err:
+        M.check_guidance_compatible(tiny_clip, tiny_sd)
+    assert str(tiny_clip) in str(err.value) and "24" in str(err.value) and "ViT-L/14" in str(err.value)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        M.check_guidance_compatible(tmp_path, tiny_sd)
+
+
 def test_tiny_blip2_captions(tmp_path):
     path = M.build_tiny_blip2(tmp_path / "blip2", image_size=16)
     assert (path / "config.json").exists() and (path / "model.safetensors").exists()
