@@ -189,3 +189,45 @@ def test_a_copied_run_folder_reuses_the_clip_feature_cache(tmp_path):
     again = F.extract_clip_features(str(b / "artifacts" / "miniature" / "clip"), imgs, ids, b / cache,
                                     batch_size=3, progress=False)
     assert imgs.reads == [] and torch.equal(again, first)
+
+
+# ------------------------------------------------------------------------------------------- safe loading
+@pytest.mark.parametrize("entry", ["../../../etc/hostname", "/etc/shadow", "a/../../outside.png"])
+def test_set_manifest_paths_stay_inside_the_set(tmp_path, entry):
+    """A manifest row pointing outside its set (relative escape or absolute path) is refused."""
+    import json
+
+    from realfake_utils import classify
+
+    set_dir = tmp_path / "syn" / "k1"
+    (set_dir / "a").mkdir(parents=True)
+    rows = [{"file": "a/ok.png", "label": 0, "class_name": "a"}, {"file": entry, "label": 0, "class_name": "a"}]
+    (set_dir / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(rundir.UnsafePathError, match=r"leaves|absolute"):
+        classify.read_image_set(set_dir)
+    (set_dir / "manifest.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    assert classify.read_image_set(set_dir)[0]["path"] == str((set_dir / "a" / "ok.png").resolve())
+
+
+class _Payload:
+    """Unpickling this would run code: torch.load(weights_only=True) must refuse it."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path(self.marker).touch, ())
+
+
+def test_checkpoints_are_loaded_with_weights_only(tmp_path):
+    import pickle
+
+    import torch
+
+    from realfake_utils import classify
+
+    marker = tmp_path / "code-ran"
+    torch.save({"model": {}, "recipe": _Payload(str(marker)), "num_classes": 2}, tmp_path / "model.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        classify.load_classifier(tmp_path)
+    assert not marker.exists()
