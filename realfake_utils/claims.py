@@ -5,8 +5,8 @@ measured difference with its 95 % interval, the paper's number beside it where p
 ``holds`` (the interval lies on the paper's side), ``contradicted`` (on the other side),
 ``inconclusive`` (it straddles: within seed noise, or one seed) or ``not measured (...)``.
 
-1. Table 2: each component raises synthetic-only accuracy -- paired comparisons along the paper's rows
-   (same classifier seeds on both sides), the paper's IN-10 / IN-100 differences beside them.
+1. Table 2: each component raises synthetic-only accuracy -- 04's paired effects along the paper's rows
+   (same synthesis and classifier seeds on both sides), the paper's IN-10 / IN-100 differences beside them.
 2. Table 1: real + synthetic beats real only.
 3. Table 3 / Fig. 2: accuracy grows with k; the crossover scale at which synthetic-only passes real only
    (paper: 2.5x IN-10, 6.5x IN-100).
@@ -21,9 +21,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from . import retrieval, stats
-from .tables import (OOD_COLUMNS, TABLE2_ROWS, Accuracy, PaperNumbers, RunRecords, _measured_name, accuracies,
-                     compare_runs, estimate, fmt_diff, not_measured, ood_rows, scale_points, select)
+from . import classify, retrieval, stats
+from .tables import (OOD_COLUMNS, TABLE2_ROWS, Accuracy, PaperNumbers, RunRecords, accuracies, compare_runs,
+                     fmt_diff, not_measured, ood_rows)
 
 HOLDS, CONTRADICTED, INCONCLUSIVE = "holds", "contradicted", "inconclusive"
 
@@ -86,89 +86,63 @@ def _paper_diff(paper: PaperNumbers, table: str, columns: Sequence[str], a: str,
     return ", ".join(out)
 
 
-# Claim 1: (component, row without it, row with it) along the paper's Table 2 (rows 1-9).
-COMPONENT_PAIRS = (
-    ("fine-tuning (L_simple)", "base-novg-t2i", "lora-nodm-novg-t2i"),
-    ("visual guidance (on fine-tuning)", "lora-nodm-novg-t2i", "lora-nodm-vg-t2i"),
-    ("distribution matching (on fine-tuning)", "lora-nodm-novg-t2i", "lora-dm-novg-t2i"),
-    ("visual guidance (on DM fine-tuning)", "lora-dm-novg-t2i", "lora-dm-vg-t2i"),
-    ("latent prior (vanilla model)", "base-novg-t2i", "base-novg-lp"),
-    ("latent prior (on DM + VG fine-tuning)", "lora-dm-vg-t2i", "lora-dm-vg-lp"),
-    ("all three (row 1 -> row 9)", "base-novg-t2i", "lora-dm-vg-lp"),
-)
-
-
 def claim_components(recs: RunRecords, paper: PaperNumbers) -> Claim:
-    """(1) Table 2: each component raises synthetic-only top-1 (k = 1), paired over classifier seeds."""
+    """(1) Table 2: each component raises synthetic-only top-1 (k = 1): 04's own paired effects
+    (:func:`classify.table2_effects`, ``stats.paired`` over the (synthesis seed, classifier seed) pairs
+    both rows share, ``stats.verdict(..., "greater")``), beside the paper's IN-10 / IN-100 differences."""
     title = "Each component (distribution matching, visual guidance, latent prior) improves synthetic-only accuracy"
-    accs = accuracies(recs.classifier)
-    if not accs:
+    rec = recs.classifier
+    if rec is None:
         return _claim("1", title, paper, "components", [], not_measured("04_train_classifier"))
-    findings = []
-    for label, a, b in COMPONENT_PAIRS:
-        ra, rb = select(accs, _measured_name(accs, a), 1), select(accs, _measured_name(accs, b), 1)
-        f = _finding(f"{label}: {a} -> {b}", compare_runs(ra, rb),
-                     paper=_paper_diff(paper, "table2", ("IN-10", "IN-100"), a, b))
-        if not ra or not rb:
-            f.verdict = not_measured("03_synthesize", f"row {a if not ra else b} not run")
-        findings.append(f)
-    missing = [r for r in TABLE2_ROWS if not select(accs, _measured_name(accs, r), 1)]
+    findings = [Finding(f"{e.name}: {e.a} -> {e.b}", fmt_diff(stats.Comparison("paired t", e.diff, e.lo, e.hi, e.p,
+                                                                               e.n, e.n)),
+                        e.verdict, _paper_diff(paper, "table2", ("IN-10", "IN-100"), e.a, e.b), e.diff, e.lo, e.hi)
+                for e in rec.effects]
+    missing = [r for r in TABLE2_ROWS if not accuracies(rec, "table2", r, 1)]
     details = [f"Table 2 rows not run: {', '.join(missing)}"] if missing else []
+    if not findings:
+        return _claim("1", title, paper, "components", [], not_measured("03_synthesize", "no two Table 2 rows ran"),
+                      details)
     return _claim("1", title, paper, "components", findings, details=details)
 
 
 def claim_real_plus_synthetic(recs: RunRecords, paper: PaperNumbers, column: str) -> Claim:
     """(2) Table 1: real + synthetic (k = 1) beats real only, paired over classifier seeds."""
     title = "Synthetic + real beats real only"
-    accs = accuracies(recs.classifier)
-    if not accs:
+    rec = recs.classifier
+    if rec is None:
         return _claim("2", title, paper, "real_plus_synthetic", [], not_measured("04_train_classifier"))
-    default = getattr(recs.classifier, "default_row", TABLE2_ROWS[-1])
-    f = _finding(f"real only -> real + {default} (k=1)", compare_runs(select(accs, "real", 0),
-                                                                     select(accs, f"real+{default}", 1)),
+    both = f"real+{rec.default_row}"
+    f = _finding(f"real only -> {both} (k=1)", compare_runs(accuracies(rec, "table1", "real", 0),
+                                                            accuracies(rec, "table1", both, 1)),
                  paper=_paper_diff(paper, "table1", (column,), "real only", "OURS + real"))
     return _claim("2", title, paper, "real_plus_synthetic", [f])
 
 
-def crossover(ks: Sequence[int], synthetic: Sequence[float], real: float) -> float | None:
-    """The scale k at which the synthetic-only curve first reaches ``real``, linear in log k between the
-    two k that bracket it (Fig. 2's reading of 2.5x / 6.5x); None if it never does, ``ks[0]`` if it
-    already does at the smallest k."""
-    pts = list(zip(ks, synthetic))
-    for i, (k, m) in enumerate(pts):
-        if m >= real:
-            if i == 0:
-                return float(k)
-            (k0, m0) = pts[i - 1]
-            t = (real - m0) / (m - m0)
-            return float(math.exp(math.log(k0) + t * (math.log(k) - math.log(k0))))
-    return None
-
-
 def claim_scaling(recs: RunRecords, paper: PaperNumbers, column: str) -> Claim:
-    """(3) Table 3 / Fig. 2: synthetic-only top-1 at the largest vs the smallest k (Welch or paired);
-    each k against real only, and the crossover scale of the means beside the paper's."""
+    """(3) Table 3 / Fig. 2: synthetic-only top-1 at the largest vs the smallest k; each k against real
+    only; the crossover scale of the means (``classify.scaling_points``) beside Fig. 2's."""
     title = "Accuracy grows with the scale k; synthetic data passes real data at some k (Fig. 2)"
-    if recs.classifier is None:
+    rec = recs.classifier
+    if rec is None:
         return _claim("3", title, paper, "scaling", [], not_measured("04_train_classifier"))
-    pts = scale_points(recs).get("synthetic", {})
-    if len(pts) < 2:
+    ks = sorted({r.k for r in rec.select("table3")})
+    if len(ks) < 2:
         return _claim("3", title, paper, "scaling", [], not_measured(
-            "04_train_classifier", f"synthetic-only runs at {len(pts)} k (need two)"))
-    ks = list(pts)
-    real = select(accuracies(recs.classifier), "real", 0)
+            "04_train_classifier", f"synthetic-only runs at {len(ks)} k (need two)"))
+    pts = {k: accuracies(rec, "table3", rec.default_row, k) for k in ks}
     findings = [_finding(f"synthetic only k={ks[0]} -> k={ks[-1]}", compare_runs(pts[ks[0]], pts[ks[-1]]),
                          paper=_paper_diff(paper, "table3", ("IN-1K top-1",), f"synthetic k={ks[0]}",
                                            f"synthetic k={ks[-1]}"))]
+    real = accuracies(rec, "table1", "real", 0)
     details = []
+    for k in ks if real else []:
+        c = compare_runs(real, pts[k])
+        details.append(f"synthetic k={k} vs real only: {fmt_diff(c)} -> above real: {stats.verdict(c, 'greater')}")
+    x = classify.scaling_points(rec)["crossover_k"] if real else None
+    pc = paper.value("fig2", column, "crossover")
     if real:
-        for k in ks:
-            c = compare_runs(real, pts[k])
-            details.append(f"synthetic k={k} vs real only: {fmt_diff(c)} -> passes real: {stats.verdict(c, 'greater')}")
-        means = [estimate(pts[k]).mean for k in ks]
-        x = crossover(ks, means, estimate(real).mean)
-        pc = paper.value("fig2", column, "crossover")
-        details.append(f"crossover of the means: {'not reached up to k=%d' % ks[-1] if x is None else f'{x:.2g}x'}"
+        details.append(f"crossover of the means: {f'{x:.2g}x' if x is not None else f'not reached up to k={ks[-1]}'}"
                        + (f" (paper Fig. 2, {column}: {pc:g}x)" if pc is not None else ""))
     return _claim("3", title, paper, "scaling", findings, findings[0].verdict, details)
 

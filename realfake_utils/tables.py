@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from . import classify, ood, stats, synthesize
+from . import classify, lira, ood, retrieval, sscd, stats, synthesize
 from .records import Record
 
 PAPER_NUMBERS = Path(__file__).resolve().parent / "resources" / "paper_numbers.yaml"
@@ -130,8 +130,6 @@ class RunRecords:
 
     @classmethod
     def load(cls, run: Any) -> "RunRecords":
-        from . import lira, retrieval, sscd
-
         out = cls()
         for attr, module, name in (("synthesis", synthesize, "SynthesisRecord"),
                                    ("classifier", classify, "ClassifierRecord"), ("ood", ood, "OODRecord"),
@@ -148,7 +146,8 @@ class RunRecords:
 
 @dataclass(frozen=True)
 class Accuracy:
-    """One trained classifier as the report reads it from 04's record (top-1 / top-5 in %)."""
+    """One trained classifier as the report compares it (top-1 / top-5 in %): from 04's
+    :class:`classify.ClassifierRun` or 05's :class:`ood.OODResult`."""
 
     source: str                   # "real", a set name (synthetic only) or "real+<set name>"
     k: int                        # 0 for real only
@@ -159,16 +158,16 @@ class Accuracy:
     n_train: int
 
 
-def accuracies(rec: Any) -> list[Accuracy]:
-    """04's runs (:class:`classify.ClassifierRecord`.runs) as :class:`Accuracy` (fractions -> %)."""
+def accuracies(rec: Any, table: str, source: str, k: int | None = None) -> list[Accuracy]:
+    """The runs of ``table`` in 04's :class:`classify.ClassifierRecord` trained on ``source`` (a source
+    name, or a Table 2 row: its synthetic set, e.g. ``lora-dmofficial-vg-lp`` for ``lora-dm-vg-lp``), at
+    ``k`` (None: any), as :class:`Accuracy` (the record's fractions -> %). Real + synthetic runs only
+    match their own source name (``real+<set>``)."""
     if rec is None:
         return []
-    return [Accuracy(r.source, int(r.k), r.synthesis_seed, int(r.classifier_seed), 100.0 * float(r.top1),
-                     None if r.top5 is None else 100.0 * float(r.top5), int(r.n_train)) for r in rec.runs]
-
-
-def select(accs: Sequence[Accuracy], source: str, k: int | None = None) -> list[Accuracy]:
-    return [a for a in accs if a.source == source and (k is None or a.k == k)]
+    return [Accuracy(r.source, int(r.k), r.synthesis_seed, int(r.classifier_seed), 100.0 * r.top1, 100.0 * r.top5,
+                     int(r.n_train)) for r in rec.select(table, None, k)
+            if r.source == source or (r.table2_row == source and not r.source.startswith("real"))]
 
 
 def _key(a: Accuracy) -> tuple:
@@ -224,55 +223,49 @@ def _paper(p: PaperNumbers, table: str, column: str, row: str) -> str:
 
 
 def table1(recs: RunRecords, paper: PaperNumbers, preset: str) -> Table:
-    """Table 1: synthetic only (k = 1, the default row), real only, real + synthetic, beside the paper's
+    """Table 1: synthetic only (the default row, k = 1), real only, real + synthetic, beside the paper's
     OURS / real only / OURS + real of the matching column."""
     col, label = paper_column(preset)
     t = Table("table1", "Table 1: synthetic only, real only, real + synthetic (top-1 %)",
               ["row", "k", "n_train", "this run: top-1 % (95 % interval)", f"paper {label}"])
-    accs = accuracies(recs.classifier)
-    if not accs:
+    rec = recs.classifier
+    if rec is None:
         t.missing = not_measured("04_train_classifier")
         return t
-    default = recs.classifier.default_row if hasattr(recs.classifier, "default_row") else DEFAULT_ROW
-    for name, source, k, prow in (("synthetic only", default, 1, "OURS"), ("real only", "real", 0, "real only"),
-                                  ("real + synthetic", f"real+{default}", 1, "OURS + real")):
-        runs = select(accs, source, k)
-        t.rows.append([f"{name} ({source})", k, runs[0].n_train if runs else "-", estimate(runs).fmt(),
+    for name, source, k, prow in (("synthetic only", rec.default_row, 1, "OURS"), ("real only", "real", 0, "real only"),
+                                  ("real + synthetic", f"real+{rec.default_row}", 1, "OURS + real")):
+        runs = accuracies(rec, "table1", source, k)
+        t.rows.append([f"{name} ({source})", k, runs[0].n_train if runs else "-",
+                       estimate(runs).fmt() if runs else not_measured("04_train_classifier", "not trained"),
                        _paper(paper, "table1", col, prow)])
     t.notes.append(f"paper column: Table 1, column '{col}' ({label}).")
+    t.notes += [f"not trained: {m}" for m in rec.missing if m.startswith("table1")]
     return t
 
 
 def table2(recs: RunRecords, paper: PaperNumbers) -> Table:
-    """Table 2: the nine ablation rows in the paper's order, synthetic only at k = 1, each with its
-    difference to row 1 (paired over seeds), beside the paper's IN-10 and IN-100 values."""
+    """Table 2: the nine ablation rows in the paper's order (synthetic only, k = 1), with the switches,
+    beside the paper's IN-10 and IN-100 values."""
     t = Table("table2", "Table 2: ablation, synthetic only, k = 1 (top-1 %)",
-              ["#", "row", "LP", "VG", "DM", "FT", "this run: top-1 % (95 % interval)",
-               "vs row 1 (paired)", "paper IN-10", "paper IN-100"])
-    accs = accuracies(recs.classifier)
-    if not accs:
+              ["#", "row", "LP", "VG", "DM", "FT", "this run: top-1 % (95 % interval)", "set", "paper IN-10",
+               "paper IN-100"])
+    rec = recs.classifier
+    if rec is None:
         t.missing = not_measured("04_train_classifier")
         return t
-    base = select(accs, TABLE2_ROWS[0], 1)
     for i, row in enumerate(TABLE2_ROWS, 1):
-        name = _measured_name(accs, row)
-        runs = select(accs, name, 1)
+        runs = accuracies(rec, "table2", row, 1)
         sw = row_switches(row)
         ticks = ["✓" if sw[s] else "" for s in ("latent_prior", "visual_guidance", "dm_loss", "finetune")]
-        diff = fmt_diff(compare_runs(base, runs)) if i > 1 and runs and base else ""
-        t.rows.append([i, name, *ticks, estimate(runs).fmt() if runs else not_measured("03/04", "row not run"),
-                       diff, _paper(paper, "table2", "IN-10", row), _paper(paper, "table2", "IN-100", row)])
-    t.notes.append("paper columns: Table 2 (ImageNette = IN-10, ImageNet100 = IN-100); rows in the paper's order.")
+        t.rows.append([i, row, *ticks,
+                       estimate(runs).fmt() if runs else not_measured("03_synthesize", "row not run"),
+                       runs[0].source if runs else "-", _paper(paper, "table2", "IN-10", row),
+                       _paper(paper, "table2", "IN-100", row)])
+    t.notes.append("rows in the paper's order; paper columns: Table 2, ImageNette (IN-10) and ImageNet100 (IN-100); "
+                   "'set': the synthetic set 03 made for the row (lora-dmofficial-...: DM variants trained with the "
+                   "official loss form).")
+    t.notes += [f"not trained: {m}" for m in rec.missing if m.startswith("table2")]
     return t
-
-
-def _measured_name(accs: Sequence[Accuracy], row: str) -> str:
-    """The row's set name as run: ``lora-dm-...`` or, when 02 trained the DM variants with the official
-    loss form, ``lora-dmofficial-...`` (the same Table 2 row)."""
-    if select(accs, row) or "-dm-" not in row:
-        return row
-    official = row.replace("-dm-", "-dmofficial-")
-    return official if select(accs, official) else row
 
 
 def row_switches(row: str) -> dict[str, bool]:
@@ -283,40 +276,23 @@ def row_switches(row: str) -> dict[str, bool]:
             "visual_guidance": "vg" in parts, "latent_prior": parts[-1] == "lp"}
 
 
-def scale_points(recs: RunRecords) -> dict[str, dict[int, list[Accuracy]]]:
-    """{"synthetic": {k: runs}, "real + synthetic": {k: runs}} of the default row over 04's k."""
-    accs = accuracies(recs.classifier)
-    if not accs:
-        return {}
-    default = getattr(recs.classifier, "default_row", DEFAULT_ROW)
-    out: dict[str, dict[int, list[Accuracy]]] = {"synthetic": {}, "real + synthetic": {}}
-    for a in accs:
-        if a.source == default:
-            out["synthetic"].setdefault(a.k, []).append(a)
-        elif a.source == f"real+{default}":
-            out["real + synthetic"].setdefault(a.k, []).append(a)
-    return {n: dict(sorted(v.items())) for n, v in out.items()}
-
-
 def table3(recs: RunRecords, paper: PaperNumbers) -> Table:
-    """Table 3: top-1 / top-5 against k (synthetic only) and real only, beside the paper's ImageNet-1K."""
+    """Table 3: top-1 / top-5 of the default row against k (synthetic only) and real only, beside the
+    paper's ImageNet-1K rows."""
     t = Table("table3", "Table 3: scaling the synthetic data, k x the real train size",
               ["row", "k", "n_train", "this run: top-1 %", "this run: top-5 %", "paper IN-1K top-1",
                "paper IN-1K top-5"])
-    pts = scale_points(recs)
-    if not pts:
+    rec = recs.classifier
+    if rec is None:
         t.missing = not_measured("04_train_classifier")
         return t
-    for k, runs in pts["synthetic"].items():
-        t.rows.append([f"synthetic k={k}", k, runs[0].n_train, estimate(runs).fmt(), estimate(runs, "top5").fmt(),
-                       _paper(paper, "table3", "IN-1K top-1", f"synthetic k={k}"),
-                       _paper(paper, "table3", "IN-1K top-5", f"synthetic k={k}")])
-    real = select(accuracies(recs.classifier), "real", 0)
-    t.rows.append(["real only", 0, real[0].n_train if real else "-", estimate(real).fmt(),
-                   estimate(real, "top5").fmt(), _paper(paper, "table3", "IN-1K top-1", "real only"),
-                   _paper(paper, "table3", "IN-1K top-5", "real only")])
+    rows = [(f"synthetic k={k}", "table3", rec.default_row, k) for k in sorted({r.k for r in rec.select("table3")})]
+    for label, table, source, k in rows + [("real only", "table1", "real", 0)]:
+        runs = accuracies(rec, table, source, k)
+        t.rows.append([label, k, runs[0].n_train if runs else "-", estimate(runs).fmt(), estimate(runs, "top5").fmt(),
+                       _paper(paper, "table3", "IN-1K top-1", label), _paper(paper, "table3", "IN-1K top-5", label)])
     t.notes.append("the paper's Table 3 is ImageNet-1K only (ResNet-50); Fig. 2's crossovers for IN-10 / IN-100 are "
-                   "in the scaling claim.")
+                   "in claim 3.")
     return t
 
 
@@ -387,7 +363,9 @@ def markdown(table: Table) -> str:
         lines.append(f"_{table.missing}_")
     if table.rows:
         lines.append("| " + " | ".join(_md_cell(h) for h in table.headers) + " |")
-        lines.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(table.headers))) + "|")
+        numeric = [all(isinstance(r[i], (int, float)) or str(r[i])[:1] in "0123456789-+" for r in table.rows
+                       if i < len(r)) for i in range(len(table.headers))]
+        lines.append("|" + "|".join("---:" if n else "---" for n in numeric) + "|")
         for row in table.rows:
             cells = [_md_cell(c) for c in row] + [""] * (len(table.headers) - len(row))
             lines.append("| " + " | ".join(cells) + " |")

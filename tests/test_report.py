@@ -2,8 +2,6 @@
 saved into a run folder and loaded back) goes through the report's tables, claims, figures and markdown."""
 from __future__ import annotations
 
-import math
-
 import matplotlib
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from realfake_utils import claims as C  # noqa: E402
 from realfake_utils import figures as F  # noqa: E402
-from realfake_utils import lira, ood, report, retrieval, sscd, stats, synthesize  # noqa: E402
+from realfake_utils import classify, lira, ood, report, retrieval, sscd, stats, synthesize  # noqa: E402
 from realfake_utils import tables as T  # noqa: E402
 
 
@@ -36,6 +34,30 @@ def synthesis_record(k_list=(1, 2)) -> synthesize.SynthesisRecord:
     return synthesize.SynthesisRecord(sets=sets, default_row=T.DEFAULT_ROW, rows=list(T.TABLE2_ROWS),
                                       scale_k=list(k_list), synthesis_seeds=[0], n_real_train=10,
                                       mmd2_to_real_train=mmd)
+
+
+# per-row synthetic-only top-1 (fractions): mostly rising along Table 2 (the DM loss alone lowers it), with a per-seed offset shared by all rows
+ROW_TOP1 = dict(zip(T.TABLE2_ROWS, (0.30, 0.40, 0.45, 0.38, 0.50, 0.60, 0.65, 0.63, 0.70)))
+
+
+def classifier_record(rows=T.TABLE2_ROWS) -> classify.ClassifierRecord:
+    runs = []
+
+    def add(source, tables, k, top1, synth_seed, row=""):
+        for seed in (0, 1, 2):
+            runs.append(classify.ClassifierRun(
+                source=source, tables=tables, k=k, synthesis_seed=synth_seed, classifier_seed=seed,
+                top1=top1 + 0.01 * seed, top5=min(1.0, top1 + 0.2), n_train=10 * max(k, 1) * (2 if "+" in source else 1),
+                path=f"artifacts/classifiers/{source}__k{k}__s{seed}", table2_row=row))
+
+    add("real", ["table1"], 0, 0.80, None)
+    for row in rows:
+        add(row, ["table2"] + (["table1", "table3"] if row == T.DEFAULT_ROW else []), 1, ROW_TOP1[row], 0, row)
+    add(T.DEFAULT_ROW, ["table3"], 2, 0.78, 0, T.DEFAULT_ROW)
+    add(T.DEFAULT_ROW, ["table3"], 5, 0.86, 0, T.DEFAULT_ROW)
+    add(f"real+{T.DEFAULT_ROW}", ["table1"], 1, 0.83, 0, T.DEFAULT_ROW)
+    return classify.ClassifierRecord(runs=runs, recipe={"name": "miniature"}, seeds=[0, 1, 2], default_row=T.DEFAULT_ROW,
+                                     scale_k=[1, 2, 5], n_real_train=10, effects=classify.table2_effects(runs))
 
 
 def ood_record() -> ood.OODRecord:
@@ -147,7 +169,7 @@ def test_lira_record_into_claim_and_fig3(tmp_path, paper):
     assert "IN-10: 0.001 % (synthetic) vs 0.01 % (real)" in c.findings[1].paper
     recs2 = saved(tmp_path, lira_record(separable_real=False))
     assert C.claim_lira(recs2, paper).verdict == "inconclusive"
-    figs = F.step_figures(recs)
+    figs = F.step_figures(recs, paper)
     fig = figs["09_fig3_lira_roc"]()
     assert fig.axes and fig.axes[0].get_xscale() == "log"
     plt.close(fig)
@@ -164,20 +186,68 @@ def test_retrieval_record_into_claim6_agrees_with_08(tmp_path, paper):
     c = C.claim_retrieval(recs, paper)
     assert c.verdict == retrieval.claim(recs.retrieval)["verdict"]
     assert c.details == retrieval.claim_lines(retrieval.claim(recs.retrieval))
-    fig = F.step_figures(recs)["09_retrieval_sweep"]()
+    fig = F.step_figures(recs, paper)["09_retrieval_sweep"]()
     plt.close(fig)
 
 
-def test_crossover_and_fmt_diff():
-    assert C.crossover([1, 2, 5], [80, 90, 95], 85) == pytest.approx(math.sqrt(2))   # halfway in log k
-    assert C.crossover([1, 2], [90, 95], 85) == 1.0 and C.crossover([1, 2], [70, 75], 85) is None
+def test_classifier_record_into_tables_1_to_3(tmp_path, paper):
+    recs = saved(tmp_path, classifier_record())
+    t1 = T.table1(recs, paper, "digits")
+    assert [r[0] for r in t1.rows] == [f"synthetic only ({T.DEFAULT_ROW})", "real only (real)",
+                                      f"real + synthetic (real+{T.DEFAULT_ROW})"]
+    assert t1.rows[0][3] == "71.0 +- 2.5 (n=3)" and t1.rows[1][3].startswith("81.0 +- 2.5") and [r[4] for r in t1.rows] == ["90.5", "93", "95.1"]  # IN-10
+    assert T.table1(recs, paper, "eurosat-mini").rows[1][4] == "97.6"                                   # EuroSAT
+    t2 = T.table2(recs, paper)
+    assert [r[1] for r in t2.rows] == list(T.TABLE2_ROWS) and t2.rows[0][2:6] == ["", "", "", ""]
+    assert t2.rows[8][2:6] == ["✓"] * 4 and (t2.rows[8][8], t2.rows[8][9]) == ("90.5", "80")
+    t3 = T.table3(recs, paper)
+    assert [r[0] for r in t3.rows] == ["synthetic k=1", "synthetic k=2", "synthetic k=5", "real only"]
+    assert t3.rows[1][5] == "72.9" and t3.rows[3][5] == "79.6"
+    md = T.markdown(t2)
+    assert md.count("\n| ") == 10 and "lora-dm-vg-lp" in md
+
+
+def test_classifier_record_into_claims_1_to_3(tmp_path, paper):
+    recs = saved(tmp_path, classifier_record())
+    c1 = C.claim_components(recs, paper)
+    assert len(c1.findings) == len(classify.TABLE2_EFFECTS)
+    ft = c1.findings[0]
+    assert ft.label.startswith("LoRA fine-tuning: base-novg-t2i -> lora-nodm-novg-t2i")
+    # every seed gains the same 10 points: a paired interval of zero width
+    assert ft.diff == pytest.approx(10.0) and ft.verdict == "holds" and ft.paper == "IN-10 +1.0, IN-100 +7.3"
+    dm = next(f for f in c1.findings if f.label.startswith("DM loss:"))
+    assert dm.verdict == "contradicted" and dm.diff == pytest.approx(-2.0)   # 0.38 vs 0.40 in ROW_TOP1
+    assert c1.verdict == "contradicted"
+    c2 = C.claim_real_plus_synthetic(recs, paper, "IN-10")
+    assert c2.verdict == "holds" and c2.findings[0].paper == "IN-10 +2.1" and "paired" in c2.findings[0].measured
+    c3 = C.claim_scaling(recs, paper, "IN-10")
+    assert c3.verdict == "holds" and any("crossover of the means: 2.5x (paper Fig. 2, IN-10: 2.5x)" in d
+                                         for d in c3.details), c3.details
+    partial = saved(tmp_path, classifier_record(rows=(T.DEFAULT_ROW,)))
+    assert "Table 2 rows not run: base-novg-t2i" in C.claim_components(partial, paper).details[0]
+    figs = F.make_figures(recs, paper)
+    assert {"09_table2", "09_fig1_mmd", "09_fig2_scaling"} <= set(figs)
+    for f in figs.values():
+        plt.close(f)
+
+
+def test_run_records_load_every_producer(tmp_path):
+    for r in (synthesis_record(), classifier_record(), ood_record(), lira_record(), sscd_record(), retrieval_record()):
+        r.save(tmp_path)
+    recs = T.RunRecords.load(tmp_path)
+    assert all(recs.steps().values())
+    assert recs.classifier.runs[0].source == "real" and recs.lira.attacks[0].auc_interval.n_bootstrap == 200
+
+
+def test_fmt_diff():
     assert T.fmt_diff(stats.paired([1, 2, 3], [2, 3, 5])).startswith("+1.3 [")
     assert "one seed" in T.fmt_diff(stats.paired([1], [2]))
 
 
 def test_report_record_round_trip_markdown_and_readme(tmp_path, paper):
     run = tmp_path / "runs" / "digits"
-    recs = saved(run, synthesis_record(), ood_record(), lira_record(), sscd_record(), retrieval_record())
+    recs = saved(run, synthesis_record(), classifier_record(), ood_record(), lira_record(), sscd_record(),
+                 retrieval_record())
     rec = report.build(run, "digits", figures=["figures/09_table2.png"], recs=recs)
     path = report.write_report(run, rec)
     back = report.ReportRecord.load(run)
