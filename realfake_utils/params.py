@@ -8,8 +8,8 @@ Resolution for one notebook is
                                   (its shared section, then its notebook section)  <-  overrides
 
 The parameters cell of each notebook holds the embedded default (``digits``), so a notebook runs as-is
-in JupyterLab. Every key is checked against ``papermill.inspect_notebook`` and every value against the
-default's type before any compute starts.
+in JupyterLab. Every key is checked against the parameters cell (read with ``ast``) and every value against the
+default's type and its ``params/_schema.yaml`` entry before any compute starts.
 """
 from __future__ import annotations
 
@@ -39,17 +39,36 @@ def notebook_names() -> list[str]:
 
 @lru_cache(maxsize=None)
 def _inspect(path: str, mtime: float) -> dict[str, Any]:
-    import papermill
+    """Name -> default of the ``parameters`` cell, read with :mod:`ast` (papermill's line regex drops,
+    with only a warning, an assignment whose comment it cannot parse, e.g. one containing ``k = 1``)."""
+    import nbformat
 
+    nb = nbformat.read(path, as_version=4)
+    cells = [c for c in nb.cells if c.cell_type == "code" and "parameters" in c.metadata.get("tags", [])]
+    if not cells:
+        return {}
+    try:
+        tree = ast.parse(cells[0].source)
+    except SyntaxError as err:
+        raise ParamError(f"{Path(path).name}: the parameters cell is not valid Python (line {err.lineno}: "
+                         f"{err.msg})") from None
     out = {}
-    for name, info in papermill.inspect_notebook(path).items():
-        text = info["default"]
-        try:
-            out[name] = ast.literal_eval(text)
-        except (ValueError, SyntaxError) as err:
-            raise ParamError(
-                f"{Path(path).name}: the default of parameter '{name}' ({text}) is not a literal; "
-                "parameters cells must hold plain Python literals") from err
+    for node in tree.body:
+        if isinstance(node, ast.Assign):
+            targets, value = node.targets, node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            targets, value = [node.target], node.value
+        else:
+            continue
+        for target in targets:
+            if not isinstance(target, ast.Name):
+                continue
+            try:
+                out[target.id] = ast.literal_eval(value)
+            except (ValueError, SyntaxError, TypeError):
+                raise ParamError(
+                    f"{Path(path).name}: the default of parameter '{target.id}' ({ast.unparse(value)}) is "
+                    "not a literal; parameters cells must hold plain Python literals") from None
     return out
 
 

@@ -201,3 +201,15 @@ def test_schema_applies_to_presets_and_to_values_edited_in_the_cell(world):
     ns = {"preset": "small", "run_dir": "", "image_size": 16, "steps": 10, "use_dm": True, "ks": []}
     with pytest.raises(ParamError, match="parameters cell: parameter 'ks' of notebook 01_beta = \\[\\]"):
         setup_notebook(ns, "01_beta")   # JupyterLab: an edited value is checked too
+
+
+def test_parameters_cell_is_read_whatever_its_comments_say(world):
+    """papermill's line parser drops `x = [0, 1]  # k = 1 ...` with only a warning; ours does not."""
+    make_notebook(world / "notebooks" / "02_gamma.ipynb",
+                  'preset = "digits"\nseeds = [0, 1]   # every row at k = 1 with each; k > 1 with the first\n'
+                  'rate: float = 0.5  # annotated\nx = y = 3')
+    assert params.notebook_defaults("02_gamma") == {"preset": "digits", "seeds": [0, 1], "rate": 0.5, "x": 3,
+                                                    "y": 3}
+    make_notebook(world / "notebooks" / "03_delta.ipynb", 'preset = "digits"\nn = len([1])')
+    with pytest.raises(ParamError, match=r"03_delta.ipynb: the default of parameter 'n' \(len\(\[1\]\)\) is not"):
+        params.notebook_defaults("03_delta")
