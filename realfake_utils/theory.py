@@ -414,63 +414,61 @@ def hoeffding_check(n_hypotheses: int, ns: Sequence[int], n_trials: int, delta: 
 # --------------------------------------------------------------------------------------------------
 # Figures of notebook 00 (one function each)
 # --------------------------------------------------------------------------------------------------
-def plot_jensen_gap(gaps: dict[str, dict[str, Any]]):
-    """Mean ``L_DM / L_simple`` against the batch size, measured and expected, one line per
-    residual distribution (``{label: jensen_gap_vs_batch(...)}``)."""
+def _line_figure(lines: Sequence[tuple], hline: float | None = None, **axes: Any):
+    """One axes of ``(x, y, style, plot kwargs)`` lines (and a dotted horizontal line), ``axes``
+    passed to ``Axes.set``: the shape of every figure of notebook 00."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for name, g in gaps.items():
-        ax.plot(g["batch_sizes"], g["mean_ratio"], "o-", label=f"measured, {name}")
-        ax.plot(g["batch_sizes"], g["expected_ratio"], "k--", lw=0.8)
-    ax.set(xscale="log", yscale="log", xlabel="batch size B", ylabel="mean  L_DM / L_simple",
-           title="Jensen gap vs batch size (dashed: expectation)")
+    for x, y, style, kw in lines:
+        ax.plot(x, y, style, **kw)
+    if hline is not None:
+        ax.axhline(hline, color="k", ls=":", lw=0.8)
+    ax.set(**axes)
     ax.legend(fontsize=8)
     return fig
+
+
+def plot_jensen_gap(gaps: dict[str, dict[str, Any]]):
+    """Mean ``L_DM / L_simple`` against the batch size, measured and expected, one line per
+    residual distribution (``{label: jensen_gap_vs_batch(...)}``)."""
+    lines = []
+    for name, g in gaps.items():
+        lines += [(g["batch_sizes"], g["mean_ratio"], "o-", {"label": f"measured, {name}"}),
+                  (g["batch_sizes"], g["expected_ratio"], "k--", {"lw": 0.8})]
+    return _line_figure(lines, xscale="log", yscale="log", xlabel="batch size B", ylabel="mean  L_DM / L_simple",
+                        title="Jensen gap vs batch size (dashed: expectation)")
 
 
 def plot_mmd_power(res: dict[str, Any]):
     """Rejection rate of the permutation test against n (:func:`mmd_permutation_check`)."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    ax.plot(res["ns"], res["power"], "o-", label=f"power (shift {res['shift']} per dim)")
-    ax.plot(res["ns"], res["type1"], "s-", label="rejection rate under H0")
-    ax.axhline(0.05, color="k", ls=":", lw=0.8)
-    ax.set(xscale="log", xlabel="n per sample", ylabel="rejection rate at level 0.05", ylim=(-0.02, 1.02),
-           title="MMD permutation test")
-    ax.legend(fontsize=8)
-    return fig
+    return _line_figure([(res["ns"], res["power"], "o-", {"label": f"power (shift {res['shift']} per dim)"}),
+                         (res["ns"], res["type1"], "s-", {"label": "rejection rate under H0"})], hline=0.05,
+                        xscale="log", xlabel="n per sample", ylabel="rejection rate at level 0.05",
+                        ylim=(-0.02, 1.02), title="MMD permutation test")
 
 
 def plot_hoeffding(hx: dict[str, Any]):
     """Sup gap over H against |S| beside the Hoeffding + union bound (:func:`hoeffding_check`)."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    ax.plot(hx["ns"], hx["bound"], "k-", label=f"Hoeffding + union bound, |H|={hx['n_hypotheses']}")
-    ax.plot(hx["ns"], hx["bound_single_h"], "k--", lw=0.8, label="single-hypothesis bound")
-    ax.plot(hx["ns"], hx["quantile_sup_gap"], "o-", label=f"{1 - hx['delta']:.0%} quantile of sup gap")
-    ax.plot(hx["ns"], hx["mean_sup_gap"], "s-", label="mean sup gap")
-    ax.set(xscale="log", yscale="log", xlabel="|S|", ylabel="sup_h R(h) - R_S(h)",
-           title=f"Eq. 3 on the digits (delta = {hx['delta']})")
-    ax.legend(fontsize=8)
-    return fig
+    ns = hx["ns"]
+    return _line_figure([(ns, hx["bound"], "k-", {"label": f"Hoeffding + union bound, |H|={hx['n_hypotheses']}"}),
+                         (ns, hx["bound_single_h"], "k--", {"lw": 0.8, "label": "single-hypothesis bound"}),
+                         (ns, hx["quantile_sup_gap"], "o-", {"label": f"{1 - hx['delta']:.0%} quantile of sup gap"}),
+                         (ns, hx["mean_sup_gap"], "s-", {"label": "mean sup gap"})],
+                        xscale="log", yscale="log", xlabel="|S|", ylabel="sup_h R(h) - R_S(h)",
+                        title=f"Eq. 3 on the digits (delta = {hx['delta']})")
 
 
 def plot_diffusion_losses(dr: dict[str, Any], batch_size: int):
     """``L_simple`` and the batch ``L_DM`` per step of :func:`short_diffusion_run`, with
     ``L_simple / B`` (where ``L_DM`` would sit for independent zero-mean residuals)."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
     steps = np.arange(1, len(dr["l_simple"]) + 1)
-    ax.plot(steps, dr["l_simple"], label="L_simple (per-sample MSE)")
-    ax.plot(steps, dr["l_dm"], label="L_DM (batch mean residual, paper form)")
-    ax.plot(steps, np.asarray(dr["l_simple"]) / batch_size, "k:", lw=0.8, label="L_simple / B (iid residuals)")
-    ax.set(yscale="log", xlabel="training step", ylabel="loss", title=f"Tiny DDPM on the digits, batch {batch_size}")
-    ax.legend(fontsize=8)
-    return fig
+    return _line_figure([(steps, dr["l_simple"], "-", {"label": "L_simple (per-sample MSE)"}),
+                         (steps, dr["l_dm"], "-", {"label": "L_DM (batch mean residual, paper form)"}),
+                         (steps, np.asarray(dr["l_simple"]) / batch_size, "k:",
+                          {"lw": 0.8, "label": "L_simple / B (iid residuals)"})],
+                        yscale="log", xlabel="training step", ylabel="loss",
+                        title=f"Tiny DDPM on the digits, batch {batch_size}")
 
 
 __all__ = [
