@@ -61,15 +61,16 @@ import torch
 
 import realfake_utils as rf
 from realfake_utils import classify as C
-from realfake_utils import models, ood
+from realfake_utils import data, models, ood
 from realfake_utils import synthesize as syn
 
 run = rf.setup(globals(), "05_ood_eval")
 torch.set_num_threads(torch_threads or min(torch.get_num_threads(), 4))
 trained = C.ClassifierRecord.load(run)   # which classifiers exist: 04's record (a clear error if 04 has not run)
-synthesis = syn.SynthesisRecord.load(run)  # which sets exist: 03's record (the default set for the curve vs k)
+default_set = syn.SynthesisRecord.load(run).default().name  # which sets exist: 03's record (the curve vs k)
+class_names = data.class_names(data.read_manifest(run.artifacts / "data" / "manifest.csv"))
 dev = str(models.resolve_device(device))
-print(f"{len(trained.runs)} classifiers from 04_train_classifier; default set {synthesis.default_set}")
+print(f"{len(trained.runs)} classifiers from 04_train_classifier, {len(class_names)} classes; default set {default_set}")
 
 # %% [markdown]
 # The OOD sets: the miniature variants, built once from the real test split (and, for the hard subset,
@@ -90,9 +91,8 @@ if variants:
 # the set covers a class subset), plus the unrestricted arg-max on the restricted sets for comparison.
 
 # %%
-num_classes = len(trained.class_names)
-results = ood.evaluate_classifiers(run, trained.runs, variants, folders, num_classes, clean=clean, device=dev)
-record = ood.build_record(results, variants, folders, default_set=synthesis.default_set,
+results = ood.evaluate_classifiers(run, trained.runs, variants, folders, len(class_names), clean=clean, device=dev)
+record = ood.build_record(results, variants, folders, default_set=default_set,
                           hard_fraction=hard_fraction, hard_filter=hard_filter,
                           hard_filter_models=hard_filter_models)
 print(ood.format_ood_table(record.summary_top1, ["clean"] * bool(clean) + record.ood_sets))

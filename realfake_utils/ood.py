@@ -31,7 +31,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 import numpy as np
 import torch
@@ -301,7 +301,7 @@ class OODResult:
     classifier: str          # 04's run folder, relative to the run folder
     source: str
     k: int
-    synthesis_seed: int
+    synthesis_seed: Optional[int]   # None: real only
     classifier_seed: int
     ood_set: str             # v2-like | sketch | rendition | hard | clean | imagenet-* | "<set> (all classes)"
     top1: float
@@ -422,7 +422,7 @@ def evaluate_classifiers(run: Any, runs: Sequence[Any], variants: dict[str, dict
                                                                 device=device, restrict=False)
         for name, m in sets.items():
             out.append(OODResult(classifier=str(r.path), source=r.source, k=int(r.k),
-                                 synthesis_seed=int(r.synthesis_seed), classifier_seed=int(r.classifier_seed),
+                                 synthesis_seed=None if r.synthesis_seed is None else int(r.synthesis_seed), classifier_seed=int(r.classifier_seed),
                                  ood_set=name, top1=float(m["top1"]), top5=float(m["top5"]), n=int(m["n"]),
                                  restricted=bool(m["restricted"])))
     return out

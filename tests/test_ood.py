@@ -154,29 +154,20 @@ def test_summary_uses_the_seed_statistics_and_record_round_trips(tmp_path):
 
 
 def test_evaluate_classifiers_reads_every_run(tmp_path):
-    """04's runs (path, source, k, seeds) -> one result per (classifier, set), restricted sets twice."""
-    from dataclasses import dataclass
-
-    @dataclass
-    class Run:  # the fields 05 reads from each entry of 04's record
-        path: str
-        source: str
-        k: int
-        synthesis_seed: int
-        classifier_seed: int
-
+    """04's runs (classify.ClassifierRun) -> one result per (classifier, set), restricted sets twice."""
     g = torch.Generator().manual_seed(0)
     y = torch.arange(4).repeat(8)
     x = torch.randint(0, 255, (32, 3, 8, 8), dtype=torch.uint8, generator=g)
     recipe = C.load_recipe("miniature", image_size=8, epochs=1, batch_size=16,
                            model_kwargs={"channels": [8, 8, 8, 8], "stem_width": 8})
     ood.train_filter_models(x, y, 4, recipe, tmp_path / "artifacts" / "classifiers", n_models=1)
-    runs = [Run("artifacts/classifiers/filter_s10000", "real", 0, 0, 0)]
+    runs = [C.ClassifierRun(source="real", tables=["table1"], k=0, synthesis_seed=None, classifier_seed=0,
+                            top1=0.5, top5=0.9, n_train=32, path="artifacts/classifiers/filter_s10000")]
     variants = ood.build_miniature_variants(x, y, x, y, 4, hard_fraction=0.25)
     res = ood.evaluate_classifiers(tmp_path, runs, variants, {}, 4, clean=(x, y))
     names = [r.ood_set for r in res]
     assert names == ["clean", "v2-like", "sketch", "rendition", "hard", "rendition (all classes)"]
-    assert all(r.classifier == runs[0].path and r.source == "real" for r in res)
+    assert all(r.classifier == runs[0].path and r.source == "real" and r.synthesis_seed is None for r in res)
     by = {r.ood_set: r for r in res}
     assert by["rendition"].restricted and by["rendition"].top1 >= by["rendition (all classes)"].top1
     assert by["rendition"].n == int(torch.isin(y, torch.tensor([0, 2])).sum())
