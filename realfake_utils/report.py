@@ -46,6 +46,7 @@ class ReportRecord(Record):
     steps: dict[str, bool]
     tables: dict[str, T.Table]
     claims: list[C.Claim]
+    protocol: dict[str, Any] = field(default_factory=dict)  # tables.protocol: data set, splits, models, settings
     figures: list[str] = field(default_factory=list)      # relative to the run folder
     machine: dict[str, Any] = field(default_factory=dict)
     wall_seconds: dict[str, float] = field(default_factory=dict)
@@ -95,6 +96,7 @@ def build(run: Any, preset: str, paper_numbers: str | Path | None = None, figure
     return ReportRecord(
         preset=preset, paper_preset=T.is_paper_preset(preset), paper_column=column, paper_column_label=label,
         steps=recs.steps(), tables=T.all_tables(recs, paper, preset), claims=C.all_claims(recs, paper, column),
+        protocol=T.protocol(recs),
         figures=list(figures), machine=machine_description(), wall_seconds=parse_run_log(root))
 
 
@@ -118,6 +120,7 @@ def report_markdown(rec: ReportRecord, citations: dict[str, str] | None = None) 
             "## Claims", "", C.summary_markdown(rec.claims, v)]
     out += [C.claim_markdown(c, v) for c in rec.claims]
     out += ["## Tables", ""] + [T.markdown(t) for t in rec.tables.values()]
+    out += ["## Protocol (from the steps' records)", "", T.protocol_markdown(rec.protocol)]
     if rec.figures:
         out += ["## Figures", ""] + [f"- [{Path(f).stem}]({f})" for f in rec.figures] + [""]
     out += ["## Machine and time", "", f"- machine: {_machine_line(rec)}"]

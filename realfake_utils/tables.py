@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from . import classify, lira, ood, retrieval, sscd, stats, synthesize
+from . import classify, finetune, lira, ood, prepare, retrieval, sscd, stats, synthesize
 from .records import Record
 
 PAPER_NUMBERS = Path(__file__).resolve().parent / "resources" / "paper_numbers.yaml"
@@ -121,6 +121,8 @@ def _record_class(module: Any, name: str) -> type[Record]:
 class RunRecords:
     """The records of a run folder the report reads (None: that step has not run here)."""
 
+    prepare: Any = None        # prepare.PrepareRecord (01)
+    finetune: Any = None       # finetune.FinetuneRecord (02)
     synthesis: Any = None      # synthesize.SynthesisRecord (03)
     classifier: Any = None     # classify.ClassifierRecord (04)
     ood: Any = None            # ood.OODRecord (05)
@@ -131,7 +133,8 @@ class RunRecords:
     @classmethod
     def load(cls, run: Any) -> "RunRecords":
         out = cls()
-        for attr, module, name in (("synthesis", synthesize, "SynthesisRecord"),
+        for attr, module, name in (("prepare", prepare, "PrepareRecord"), ("finetune", finetune, "FinetuneRecord"),
+                                   ("synthesis", synthesize, "SynthesisRecord"),
                                    ("classifier", classify, "ClassifierRecord"), ("ood", ood, "OODRecord"),
                                    ("lira", lira, "LiraRecord"), ("sscd", sscd, "SSCDRecord"),
                                    ("retrieval", retrieval, "RetrievalRecord")):
@@ -139,7 +142,8 @@ class RunRecords:
         return out
 
     def steps(self) -> dict[str, bool]:
-        return {"03_synthesize": self.synthesis is not None, "04_train_classifier": self.classifier is not None,
+        return {"01_prepare": self.prepare is not None, "02_finetune": self.finetune is not None,
+                "03_synthesize": self.synthesis is not None, "04_train_classifier": self.classifier is not None,
                 "05_ood_eval": self.ood is not None, "06_lira": self.lira is not None,
                 "07_sscd": self.sscd is not None, "08_retrieval_baseline": self.retrieval is not None}
 
@@ -340,6 +344,39 @@ def table4(recs: RunRecords, paper: PaperNumbers) -> Table:
     t.notes += [f"{name}: {what}" for name, what in rec.sets.items()]
     t.notes.append("paper: Table 4, ResNet-50 trained on ImageNet-1K data (synthetic k x or real).")
     return t
+
+
+# 02's resolved settings the report states (each a parameter name of 02; see params/_schema.yaml)
+FINETUNE_KEYS = ("num_train_epochs", "global_batch_size", "learning_rate", "snr_gamma", "dm_loss_form",
+                 "dm_loss_weight", "lora_rank", "guidance_token_position", "guidance_feature_train", "image_size")
+
+
+def protocol(recs: RunRecords) -> dict[str, Any]:
+    """What the run was: 01's data set, splits and models, 02's LoRA variants and settings, 03's rows
+    and k (from their records; the report's "Protocol" section)."""
+    out: dict[str, Any] = {}
+    p = recs.prepare
+    if p is not None:
+        out.update(dataset=p.dataset, image_size=p.image_size, classes=len(p.class_names), images=dict(p.counts),
+                   excluded=p.excluded, base_model=p.base_model, clip_model=p.clip_model, captioner=p.captioner)
+    f = recs.finetune
+    if f is not None:
+        out["lora_variants"] = sorted(f.variants)
+        out["finetune"] = {k: f.config[k] for k in FINETUNE_KEYS if k in f.config}
+    s = recs.synthesis
+    if s is not None:
+        out.update(rows=list(s.rows), scale_k=list(s.scale_k), synthesis_seeds=list(s.synthesis_seeds),
+                   n_real_train=s.n_real_train, skipped=list(s.skipped))
+    c = recs.classifier
+    if c is not None:
+        out.update(classifier_recipe=c.recipe.get("name", ""), classifier_seeds=list(c.seeds))
+    return out
+
+
+def protocol_markdown(p: dict[str, Any]) -> str:
+    if not p:
+        return "_not measured (run notebooks 01-04)_\n"
+    return "\n".join(f"- {k}: {v}" for k, v in p.items()) + "\n"
 
 
 def all_tables(recs: RunRecords, paper: PaperNumbers, preset: str) -> dict[str, Table]:

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from realfake_utils import claims as C  # noqa: E402
 from realfake_utils import figures as F  # noqa: E402
-from realfake_utils import classify, lira, ood, report, retrieval, sscd, stats, synthesize  # noqa: E402
+from realfake_utils import classify, finetune, lira, ood, prepare, report, retrieval, sscd, stats, synthesize  # noqa: E402
 from realfake_utils import tables as T  # noqa: E402
 
 
@@ -22,6 +22,23 @@ def paper():
 
 
 # ------------------------------------------------------------------------------------------ producers
+def prepare_record() -> prepare.PrepareRecord:
+    return prepare.PrepareRecord(dataset="digits", image_size=16, class_names=[str(i) for i in range(10)],
+                                 counts={"pool": 899, "train": 539, "test": 359}, excluded=0,
+                                 excluded_list="artifacts/data/excluded.csv", base_model="artifacts/miniature/base",
+                                 clip_model="artifacts/miniature/clip", clip_projection_dim=32, captioner="none")
+
+
+def finetune_record() -> finetune.FinetuneRecord:
+    variants = {v: finetune.VariantResult(name=v, path=f"artifacts/lora/{v}", steps=10, samples_seen=320, epochs_seen=1.0,
+                                          passes_min=1, passes_max=1, final_loss=0.1, final_l_simple=0.1,
+                                          final_l_dm=0.01, reused=False, seconds=1.0, config_key="k", num_processes=1)
+                for v in ("lora-nodm-novg", "lora-nodm-vg", "lora-dm-novg", "lora-dm-vg")}
+    cfg = {"num_train_epochs": 300, "global_batch_size": 64, "dm_loss_form": "paper", "snr_gamma": 0.75,
+           "guidance_token_position": "append", "not_reported": 1}
+    return finetune.FinetuneRecord(config=cfg, main_variant="lora-dm-vg", variants=variants, n_train=539)
+
+
 def synthesis_record(k_list=(1, 2)) -> synthesize.SynthesisRecord:
     sets = []
     for row in T.TABLE2_ROWS:
@@ -104,7 +121,7 @@ def retrieval_record() -> retrieval.RetrievalRecord:
         adapt_config={}, templates=["a photo of a {}."])
 
 
-FIELD = {"SynthesisRecord": "synthesis", "ClassifierRecord": "classifier", "OODRecord": "ood", "LiraRecord": "lira",
+FIELD = {"PrepareRecord": "prepare", "FinetuneRecord": "finetune", "SynthesisRecord": "synthesis", "ClassifierRecord": "classifier", "OODRecord": "ood", "LiraRecord": "lira",
          "SSCDRecord": "sscd", "RetrievalRecord": "retrieval"}
 
 
@@ -231,8 +248,18 @@ def test_classifier_record_into_claims_1_to_3(tmp_path, paper):
         plt.close(f)
 
 
+def test_protocol_from_prepare_and_finetune_records(tmp_path):
+    recs = saved(tmp_path, prepare_record(), finetune_record(), synthesis_record())
+    p = T.protocol(recs)
+    assert p["dataset"] == "digits" and p["images"]["train"] == 539 and p["rows"] == list(T.TABLE2_ROWS)
+    assert p["lora_variants"] == ["lora-dm-novg", "lora-dm-vg", "lora-nodm-novg", "lora-nodm-vg"]
+    assert p["finetune"] == {"num_train_epochs": 300, "global_batch_size": 64, "snr_gamma": 0.75, "dm_loss_form": "paper",
+                             "guidance_token_position": "append"}
+    assert "- dataset: digits" in T.protocol_markdown(p) and "not measured" in T.protocol_markdown({})
+
+
 def test_run_records_load_every_producer(tmp_path):
-    for r in (synthesis_record(), classifier_record(), ood_record(), lira_record(), sscd_record(), retrieval_record()):
+    for r in (prepare_record(), finetune_record(), synthesis_record(), classifier_record(), ood_record(), lira_record(), sscd_record(), retrieval_record()):
         r.save(tmp_path)
     recs = T.RunRecords.load(tmp_path)
     assert all(recs.steps().values())
