@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,11 @@ from PIL import Image
 from . import stats
 from .records import Record
 from .rundir import atomic_path, confine
+
+def run_root(run: Any) -> Path:
+    """The run folder of a ``RunDir`` or of a path (a ``pathlib.Path``'s own ``.root`` is ``/``)."""
+    return Path(run) if isinstance(run, (str, os.PathLike)) else Path(run.root)
+
 
 GENG_STRATEGIES = ("caption", "knn_image", "knn_caption")   # Geng et al. Sec. 3.2
 STRATEGIES = GENG_STRATEGIES + ("clip_i2i", "clip_t2i")      # + the from-scratch table's legacy k-NN
@@ -807,12 +813,13 @@ def pool_style_captions(rows: Sequence[dict], class_names: Sequence[str], seed: 
 
 
 def synthesize_base_t2i(set_dir: str | Path, base_model: str | Path, manifest: str | Path,
-                        class_names: Sequence[str], per_class_needed: int, seed: int = 0,
+                        class_names: Sequence[str], total_needed: int, seed: int = 0,
                         num_inference_steps: int = 30, guidance_scale: float = 2.0, image_size: int = 16,
                         batch_size: int = 64, device: str = "auto") -> list[list[int]]:
-    """Generate (resumably, through ``synthesize.synthesize``) at least ``per_class_needed`` images per
-    class with the vanilla base model (row ``base-novg-t2i``: no LoRA, no guidance token, txt2img,
-    CFG ``guidance_scale`` 2.0 as Geng et al.), prompts ``photo of <class>, <pool-style caption>``.
+    """Generate (resumably, through ``synthesize.synthesize``) at least ``total_needed`` images with the
+    vanilla base model (row ``base-novg-t2i``: no LoRA, no guidance token, txt2img, CFG
+    ``guidance_scale`` 2.0 as Geng et al.): ``k = ceil(total_needed / n_train)`` rounds over the train
+    split (per class as in the split), prompts ``photo of <class>, <pool-style caption>``.
     Returns per-class index lists into ``synthesize.synthetic_rows(set_dir)``."""
     import math
 
@@ -821,19 +828,165 @@ def synthesize_base_t2i(set_dir: str | Path, base_model: str | Path, manifest: s
 
     set_dir = Path(set_dir)
     train = data.read_manifest(manifest, "train")
-    counts = [sum(int(r["label"]) == c for r in train) for c in range(len(class_names))]
-    per_class = min(counts)
-    if per_class == 0:
-        raise ValueError("a class has no train image: the synthetic set has no source for it")
-    k = max(1, math.ceil(per_class_needed / per_class))
+    k = max(1, math.ceil(total_needed / max(len(train), 1)))
     cap_path = set_dir / "pool_style_captions.json"
     set_dir.mkdir(parents=True, exist_ok=True)
     if not cap_path.exists():
         from .rundir import write_json
         write_json(cap_path, pool_style_captions(train, class_names, seed))
-    st = syn.row_settings(syn.TABLE2_ROWS[0], str(base_model), num_inference_steps=num_inference_steps,
+    st = syn.row_settings("base-novg-t2i", str(base_model), num_inference_steps=num_inference_steps,
                           guidance_scale=guidance_scale, image_size=image_size, seed=seed, use_captions=True)
     syn.synthesize(set_dir, st, k, source_manifest=manifest, captions=cap_path, batch_size=batch_size,
-                   per_class=per_class, device=device, progress=False)
+                   device=device, progress=False)
     rows = syn.synthetic_rows(set_dir)
     return [[i for i, r in enumerate(rows) if r["label"] == c] for c in range(len(class_names))]
+
+
+# --------------------------------------------------------------------------------------------------
+# Composition: one call per stage of 08
+# --------------------------------------------------------------------------------------------------
+def fingerprint(images: torch.Tensor) -> str:
+    """Content hash of an image tensor (the cache key of what an adapted model was trained on)."""
+    return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def retrieve_all(pool: Pool, class_names: Sequence[str], strategies: Sequence[str], *, image_feats: torch.Tensor,
+                 caption_feats: torch.Tensor, template_feats: torch.Tensor, score_text_feats: torch.Tensor,
+                 exclude: torch.Tensor, knn_per_class: int = 0, dedup_within: float = 0.98,
+                 clip_score_threshold: float = 0.0, clip_score_percentile: float = 0.0, seed: int = 0
+                 ) -> tuple[dict[str, list[list[int]]], dict[str, StrategyStats]]:
+    """Every strategy's retrieved set, as far as the pool yields (caption: every match; k-NN: the
+    ``knn_per_class`` nearest per class, 0 = the caption strategy's mean matches per class), test
+    duplicates (``exclude``) removed, then :func:`deduplicate` at ``dedup_within`` (CLIP image cosine)
+    and :func:`clip_score_filter` (``clip_score_threshold`` > 0, else ``clip_score_percentile`` > 0,
+    else none). Returns picks and :class:`StrategyStats` per strategy."""
+    C, N = len(class_names), len(pool.ids)
+    kw = dict(captions=pool.captions, class_names=class_names, pool_feats=image_feats, caption_feats=caption_feats,
+              template_feats=template_feats, seed=seed)
+    if not knn_per_class:
+        n_cap = sum(map(len, retrieve("caption", [N] * C, exclude=exclude, **kw)))
+        knn_per_class = max(1, round(n_cap / C))
+    known = any(v >= 0 for v in pool.labels)
+    picks, out = {}, {}
+    for st in strategies:
+        budget = [N] * C if st == "caption" else [knn_per_class] * C
+        raw = retrieve(st, budget, **kw)
+        no_dup = retrieve(st, budget, exclude=exclude, **kw)
+        dd = deduplicate(no_dup, image_feats, dedup_within) if dedup_within < 1 else no_dup
+        p = clip_score_filter(dd, image_feats, score_text_feats,
+                              clip_score_threshold if clip_score_threshold > 0 else None,
+                              clip_score_percentile if clip_score_threshold <= 0 and clip_score_percentile > 0 else None)
+        picks[st] = p
+        out[st] = StrategyStats(sum(map(len, p)), [len(x) for x in p],
+                                label_precision(p, pool.labels) if known else None,
+                                int(sum(bool(exclude[i]) for idx in raw for i in idx)),
+                                sum(map(len, no_dup)) - sum(map(len, dd)), sum(map(len, dd)) - sum(map(len, p)))
+    return picks, out
+
+
+def synthetic_source(run: Any, table2_row: str, image_size: int, name: str, label: str, max_k: int = 0
+                     ) -> Optional[AdaptSource]:
+    """An :class:`AdaptSource` pooling every complete set of 03's record (``SynthesisRecord``) that
+    realises ``table2_row`` (all synthesis seeds; k up to ``max_k``, 0 = any), or None when 03 made none."""
+    from . import data
+    from . import synthesize as syn
+
+    root = run_root(run)
+    rec = syn.SynthesisRecord.load_or_none(root) if hasattr(syn, "SynthesisRecord") else None
+    if rec is None:
+        return None
+    dirs = [root / s.path for s in rec.sets if s.complete and s.table2_row == table2_row and (not max_k or s.k <= max_k)]
+    rows = [r for d in dirs for r in syn.synthetic_rows(d)]
+    if not rows:
+        return None
+    images = data.load_images(rows, image_size)
+    C = max(int(r["label"]) for r in rows) + 1
+    per_class = [[i for i, r in enumerate(rows) if int(r["label"]) == c] for c in range(C)]
+    return AdaptSource(name, label, images, per_class, fingerprint(images))
+
+
+def generated_source(set_dir: str | Path, base_model: str | Path, manifest: str | Path,
+                     class_names: Sequence[str], total: int, image_size: int, seed: int = 0,
+                     num_inference_steps: int = 30, device: str = "auto") -> AdaptSource:
+    """:func:`synthesize_base_t2i` as an :class:`AdaptSource` named ``synthetic``."""
+    from . import data
+    from . import synthesize as syn
+
+    per_class = synthesize_base_t2i(set_dir, base_model, manifest, class_names, total, seed, num_inference_steps,
+                                    image_size=image_size, device=device)
+    images = data.load_images(syn.synthetic_rows(set_dir), image_size)
+    return AdaptSource("synthetic", "synthetic: base model txt2img, pool-style prompts (generated here)", images,
+                       per_class, fingerprint(images))
+
+
+def scratch_comparison(run: Any, pool: Pool, picks: dict[str, list[list[int]]], class_names: Sequence[str],
+                       strategies: Sequence[str], seeds: Sequence[int], synthetic_dir: Optional[Path],
+                       classifier_dir: str = "classifiers", device: str = "auto") -> tuple[list[dict], dict]:
+    """The second table: 04's from-scratch classifier (recipe of 04's record, else of its parameters) on
+    the full real train split, on 03's default set and on each retrieved set (written under
+    ``artifacts/retrieved/<strategy>/``), same seeds; 04's finished runs are reused. Returns the table
+    rows (:func:`summarise_runs` entries with ``group``) and :func:`claims`."""
+    from . import classify, params
+
+    root = run_root(run)
+    art = root / "artifacts"
+    rec = classify.ClassifierRecord.load_or_none(root) if hasattr(classify, "ClassifierRecord") else None
+    if rec is not None:
+        recipe = rec.recipe
+    else:
+        p04 = params.resolve(getattr(run, "preset", "digits"), notebooks=["04_train_classifier"])["04_train_classifier"]
+        recipe = classify.load_recipe(p04["recipe"], image_size=int(pool.images.shape[-1]), **p04["recipe_overrides"])
+    manifest = art / "data" / "manifest.csv"
+    specs = [classify.RunSpec("real", [classify.Source("real", str(manifest))], seed=s, table="08") for s in seeds]
+    if synthetic_dir is not None:
+        specs += [classify.RunSpec(synthetic_dir.parent.name, [classify.Source("synthetic", str(synthetic_dir), k=1,
+                                                                                name=synthetic_dir.parent.name)],
+                                   seed=s, k=1, table="08") for s in seeds]
+    for st in strategies:
+        if sum(map(len, picks[st])):
+            d = write_image_set(art / "retrieved" / st, pool.images, picks[st], class_names, pool.ids,
+                                tag=f"retrieval:{st}", prompts=pool.captions)
+            specs += [classify.RunSpec(f"retrieved-{st}", [classify.Source("retrieved", str(d), name=st)], seed=s,
+                                       table="08") for s in seeds]
+    records = classify.run_experiments(specs, manifest, art / classifier_dir, recipe, device=device, verbose=False)
+    lines = summarise_runs(records, f"synthetic {synthetic_dir.parent.name}/k1" if synthetic_dir else "synthetic",
+                           recipe)
+    table = [{"group": g, **{k: v for k, v in ln.items() if k != "per_seed"},
+              "per_seed": {str(s): v for s, v in ln["per_seed"].items()}} for g, ln in lines.items()]
+    return table, claims(lines)
+
+
+def default_set_dir(run: Any) -> Optional[Path]:
+    """03's full-method set at k = 1 and its first synthesis seed (``SynthesisRecord``), or None."""
+    from . import synthesize as syn
+
+    root = run_root(run)
+    rec = syn.SynthesisRecord.load_or_none(root) if hasattr(syn, "SynthesisRecord") else None
+    if rec is None:
+        return None
+    sets = sorted((s for s in rec.sets if s.complete and s.table2_row == rec.default_row and s.k == 1),
+                  key=lambda s: s.synthesis_seed)
+    return root / sets[0].path if sets else None
+
+
+def sweep_sources(run: Any, pool: Pool, picks: list[list[int]], strategy: str, sizes: dict[str, list[int]],
+                  class_names: Sequence[str], image_size: int, generate: bool = False, synthesis_steps: int = 30,
+                  seed: int = 0, device: str = "auto") -> tuple[list[AdaptSource], dict[str, list[int]]]:
+    """The lines of the sweep: ``retrieved`` (``picks`` of ``strategy``), ``synthetic`` (03's
+    ``base-novg-t2i`` sets; generated here with :func:`generated_source` when ``generate`` or when 03
+    made none) and ``realfake`` (03's full-method sets at k = 1, when present); each line's sizes capped
+    by the images it has (``realfake`` takes the shared sizes)."""
+    root = run_root(run)
+    art = root / "artifacts"
+    sources = [AdaptSource("retrieved", f"retrieved real ({strategy_label(strategy)})", pool.images, picks,
+                           fingerprint(pool.images))]
+    syn_src = None if generate else synthetic_source(root, "base-novg-t2i", image_size, "synthetic",
+                                                     "synthetic: base model txt2img (03's base-novg-t2i)")
+    if syn_src is None:
+        syn_src = generated_source(art / "retrieved" / "synthetic-base-t2i", art / "miniature" / "base",
+                                   art / "data" / "manifest.csv", class_names, max(sizes["synthetic"]), image_size,
+                                   seed, synthesis_steps, device)
+    full = synthetic_source(root, "lora-dm-vg-lp", image_size, "realfake", "Real-Fake full method (lora-dm-vg-lp, k=1)", 1)
+    sources += [s for s in (syn_src, full) if s is not None]
+    avail = {s.name: sum(map(len, s.per_class)) for s in sources}
+    return sources, {s.name: [n for n in sizes.get(s.name, sizes["retrieved"]) if n <= avail[s.name]] for s in sources}

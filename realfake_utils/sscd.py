@@ -40,6 +40,11 @@ COPY_THRESHOLD = 0.75  # SSCD: a copy above 0.75 (about 90% precision on DISC202
 THRESHOLDS = (REPLICATION_THRESHOLD, COPY_THRESHOLD)
 
 
+def run_root(run: Any) -> Path:
+    """The run folder of a ``RunDir`` or of a path (a ``pathlib.Path``'s own ``.root`` is ``/``)."""
+    return Path(run) if isinstance(run, (str, os.PathLike)) else Path(run.root)
+
+
 class ChecksumError(ValueError):
     """A descriptor file whose SHA-256 is not the expected one (or no expected value was given)."""
 
@@ -358,7 +363,9 @@ def train_miniature_descriptor(images: torch.Tensor, out_path: str | os.PathLike
     # saved through memory: a TorchScript archive written to a path records the file's name (the temp
     # name here), so identical runs would get different SHA-256s; from a buffer the bytes are identical
     buf = io.BytesIO()
-    torch.jit.save(scripted, buf)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(scripted, buf)
     with atomic_path(out_path) as tmp:
         tmp.write_bytes(buf.getvalue())
     sha = sha256_file(out_path)
@@ -507,6 +514,11 @@ class SSCDRecord(Record):
     thresholds: list[float] = field(default_factory=lambda: list(THRESHOLDS))
     score_norm: dict[str, Any] = field(default_factory=dict)
 
+    def descriptor_file(self, run: Any) -> Path:
+        """The descriptor's path (stored relative to the run folder when it lies inside it)."""
+        p = Path(self.descriptor)
+        return p if p.is_absolute() else run_root(run) / p
+
 
 def set_copies(top1: torch.Tensor, calibration: Calibration, normalized: torch.Tensor | None = None) -> SetCopies:
     """:class:`SetCopies` of a set's top-1 similarities at the calibrated threshold."""
@@ -516,10 +528,76 @@ def set_copies(top1: torch.Tensor, calibration: Calibration, normalized: torch.T
                      copy_stats(normalized) if normalized is not None else None)
 
 
+def calibrate(embed, reference: torch.Tensor, d_reference: torch.Tensor, d_noncopies: torch.Tensor,
+              n_sources: int = 50, seed: int = 0, target_precision: float = 0.9,
+              device: str | torch.device = "auto") -> tuple[Calibration, dict[str, Any]]:
+    """Plant near copies (crop, jitter, JPEG) of ``n_sources`` reference images, score each by its
+    top-1 similarity among the reference descriptors (correct when that is its own source), score
+    the held-out non-copies ``d_noncopies`` likewise, and :func:`calibrate_threshold` at
+    ``target_precision``. ``embed`` maps uint8 images to descriptors. Returns the calibration and
+    ``{"exact_top1": min similarity of exact copies, "top1_is_source": {kind: share}}``."""
+    copies, src, kinds = planted_copies(reference, n_sources, seed, kinds=("exact",) + CALIBRATION_KINDS)
+    sims, idx = topk_similar(embed(copies), d_reference, k=1, device=device)
+    correct = idx[:, 0].numpy() == np.asarray(src)
+    neg = topk_similar(d_noncopies, d_reference, k=1, device=device)[0][:, 0]
+    m = np.array([k != "exact" for k in kinds])
+    cal = calibrate_threshold(sims[m, 0].numpy(), correct[m], neg.numpy(), target_precision,
+                              [k for k in kinds if k != "exact"])
+    info = {"exact_top1_min": float(sims[~m, 0].min()),
+            "top1_is_source": {k: float(np.mean([c for c, kk in zip(correct, kinds) if kk == k]))
+                               for k in dict.fromkeys(kinds)},
+            "noncopy_top1": neg}
+    return cal, info
+
+
+def synthetic_sets(run, image_size: int, max_per_set: int = 0, only: Sequence[str] = ()
+                   ) -> tuple[dict[str, torch.Tensor], str]:
+    """``{set id: uint8 images}`` of 03's complete sets (``SynthesisRecord``; set id ``<name>/k<k>`` plus
+    ``/s<seed>`` for synthesis seeds > 0), or, without a record, every ``manifest.jsonl`` under
+    ``artifacts/synthetic``; ``only`` restricts to those ids. Also returns the full method's set id
+    (03's ``default_row``) or "" when absent."""
+    from . import data
+    from . import synthesize as syn
+
+    root = run_root(run)
+    rec = syn.SynthesisRecord.load_or_none(root) if hasattr(syn, "SynthesisRecord") else None
+    found: dict[str, Path] = {}
+    default = ""
+    if rec is not None:
+        for st in rec.sets:
+            if st.complete:
+                sid = f"{st.name}/k{st.k}" + (f"/s{st.synthesis_seed}" if st.synthesis_seed else "")
+                found[sid] = root / st.path
+                if st.table2_row == rec.default_row and not default:
+                    default = sid
+    else:
+        base = root / "artifacts" / "synthetic"
+        for m in sorted(base.glob("**/manifest.jsonl")) if base.exists() else []:
+            found[str(m.parent.relative_to(base))] = m.parent
+        default = next((k for k in found if "-dm" in k and k.split("/")[0].endswith("-vg-lp")), "")
+    out = {}
+    for sid, d in found.items():
+        if only and sid not in only:
+            continue
+        rows = syn.synthetic_rows(d)
+        if rows:
+            out[sid] = data.load_images(rows[:max_per_set] if max_per_set else rows, image_size)
+    return out, default if default in out else ""
+
+
+def stand_in_set(real: torch.Tensor, n: int = 200, seed: int = 0) -> torch.Tensor:
+    """Perturbed real images (crop / jitter / JPEG in turn): a clearly-labelled stand-in when no
+    synthetic set exists yet, so the step runs; its numbers say nothing about synthetic data."""
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(real), size=min(n, len(real)), replace=False)
+    views = CALIBRATION_KINDS
+    return torch.stack([near_copies(real[int(i)])[views[j % 3]] for j, i in enumerate(pick)])
+
+
 __all__ = [
     "COPY_THRESHOLD", "ChecksumError", "IMAGENET_MEAN", "IMAGENET_STD", "REPLICATION_THRESHOLD",
     "THRESHOLDS", "CALIBRATION_KINDS", "Calibration", "SSCDRecord", "SetCopies", "TinyDescriptor",
-    "calibrate_threshold", "planted_copies", "set_copies", "augment", "background_normalize", "compute_descriptors",
+    "calibrate", "calibrate_threshold", "planted_copies", "set_copies", "stand_in_set", "synthetic_sets", "augment", "background_normalize", "compute_descriptors",
     "center", "copy_stats", "info_nce", "jpeg", "koleo", "load_descriptor", "near_copies",
     "plot_similarity_histogram", "plot_top_matches", "preprocess", "recorded_sha256", "sha256_file",
     "topk_similar", "train_miniature_descriptor",

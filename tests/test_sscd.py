@@ -114,3 +114,43 @@ def test_planted_copies_are_found_by_the_miniature_descriptor(tmp_path, one_thre
     fig = sscd.plot_top_matches(synthetic, real, sims, idx, n=3, k=3)
     assert len(fig.axes) == 12
     sscd.plot_similarity_histogram({"synthetic": sims[:, 0]})
+
+
+def test_calibrate_threshold_reaches_the_target_precision_on_planted_scores():
+    # copies score 0.9 / 0.8 / 0.7 / 0.6 (the last one retrieved the wrong source); non-copies 0.75, 0.5, 0.4
+    copies = [0.9, 0.8, 0.7, 0.6]
+    correct = [True, True, True, False]
+    noncopies = [0.75, 0.5, 0.4]
+    cal = sscd.calibrate_threshold(copies, correct, noncopies, target_precision=0.9, kinds=["a", "a", "b", "b"])
+    assert (cal.threshold, cal.precision, cal.recall, cal.achieved) == (0.8, 1.0, 0.5, True)
+    assert cal.recall_by_kind == {"a": 1.0, "b": 0.0}
+    rates = sscd.set_copies(torch.tensor([0.85, 0.81, 0.2, 0.79]), cal)
+    assert (rates.copies, rates.copy_rate, rates.n) == (2, 0.5, 4)
+    cal = sscd.calibrate_threshold(copies, correct, noncopies, target_precision=0.7)
+    assert (cal.threshold, cal.recall) == (0.7, 0.75) and cal.precision == pytest.approx(0.75)
+    none = sscd.calibrate_threshold([0.5], [True], [0.9], target_precision=0.9)
+    assert not none.achieved and none.threshold > 0.9 and none.recall == 0.0
+    assert sscd.set_copies(torch.tensor([0.95]), none).copies == 0   # not calibrated: nothing is called a copy
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_miniature_descriptor_calibrated_on_planted_copies_and_byte_stable(tmp_path, one_thread):
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(96, 3, 16, 16, generator=g) * 255).to(torch.uint8)
+    p1, sha1 = sscd.train_miniature_descriptor(images[:64], tmp_path / "a" / "d.pt", size=16, dim=16, width=8,
+                                               steps=30, batch_size=32, device="cpu", log_every=0)
+    p2, sha2 = sscd.train_miniature_descriptor(images[:64], tmp_path / "b" / "other.pt", size=16, dim=16, width=8,
+                                               steps=30, batch_size=32, device="cpu", log_every=0)
+    assert sha1 == sha2 == sscd.sha256_file(p2)   # identical runs: identical bytes, whatever the file name
+    model = sscd.load_descriptor(p1, sha1)
+    embed = lambda x: sscd.compute_descriptors(model, x, size=16, mode="square", device="cpu")  # noqa: E731
+    ref, held = images[:64], images[64:]
+    cal, info = sscd.calibrate(embed, ref, embed(ref), embed(held), n_sources=20, seed=0, target_precision=0.9,
+                               device="cpu")
+    assert info["top1_is_source"]["exact"] == 1.0 and info["exact_top1_min"] > 0.999
+    assert cal.n_copies == 60 and cal.n_noncopies == 32 and cal.kinds == ["crop", "jitter", "jpeg"]
+    assert not cal.achieved or cal.precision >= 0.9
+    # at the calibrated threshold, the planted copies themselves (as a "set") are flagged at the recall
+    copies, src, kinds = sscd.planted_copies(ref, 20, 0)
+    rate = sscd.set_copies(sscd.topk_similar(embed(copies), embed(ref), k=1, device="cpu")[0][:, 0], cal)
+    assert rate.copy_rate >= cal.recall - 1e-9
