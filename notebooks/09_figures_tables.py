@@ -48,10 +48,11 @@ from IPython.display import Markdown, display
 
 import realfake_utils as rf
 from realfake_utils import claims, figures, report, tables
+from realfake_utils import paper as rf_paper
 
 run = rf.setup(globals(), "09_figures_tables")
 recs = tables.RunRecords.load(run.root)
-paper = tables.PaperNumbers.load(paper_numbers or None)
+paper = rf_paper.PaperNumbers.load(paper_numbers or None)
 for step, ran in recs.steps().items():
     print(f"{step:24s} {'record found' if ran else 'no record (not run in this folder)'}")
 

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from . import classify, retrieval, stats
-from .tables import (OOD_COLUMNS, TABLE2_ROWS, Accuracy, PaperNumbers, RunRecords, accuracies, compare_runs,
-                     fmt_diff, not_measured, ood_rows)
+from .paper import PaperNumbers
+from .tables import (OOD_COLUMNS, TABLE2_ROWS, Accuracy, RunRecords, accuracies, compare_runs, fmt_diff,
+                     not_measured, ood_rows)
 
 HOLDS, CONTRADICTED, INCONCLUSIVE = "holds", "contradicted", "inconclusive"
 

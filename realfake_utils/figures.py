@@ -16,7 +16,8 @@ from typing import Any, Callable
 import numpy as np
 
 from . import classify, lira, ood, retrieval
-from .tables import TABLE2_ROWS, PaperNumbers, RunRecords, accuracies, estimate
+from .paper import PaperNumbers
+from .tables import TABLE2_ROWS, RunRecords, accuracies, estimate
 
 
 def _placeholder(ax, text: str) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 from . import claims as C
+from . import paper as P
 from . import tables as T
 from .records import Record
 from .records import _root as run_root
@@ -91,10 +92,10 @@ def build(run: Any, preset: str, paper_numbers: str | Path | None = None, figure
     when already loaded)."""
     root = run_root(run)
     recs = recs if recs is not None else T.RunRecords.load(root)
-    paper = T.PaperNumbers.load(paper_numbers)
-    column, label = T.paper_column(preset)
+    paper = P.PaperNumbers.load(paper_numbers)
+    column, label = P.paper_column(preset)
     return ReportRecord(
-        preset=preset, paper_preset=T.is_paper_preset(preset), paper_column=column, paper_column_label=label,
+        preset=preset, paper_preset=P.is_paper_preset(preset), paper_column=column, paper_column_label=label,
         steps=recs.steps(), tables=T.all_tables(recs, paper, preset), claims=C.all_claims(recs, paper, column),
         protocol=T.protocol(recs),
         figures=list(figures), machine=machine_description(), wall_seconds=parse_run_log(root))
@@ -145,7 +146,7 @@ def write_report(run: Any, rec: ReportRecord, paper_numbers: str | Path | None =
     """``REPORT.md`` in the run folder, and the record (``results/09_figures_tables.json``)."""
     root = run_root(run)
     rec.save(root)
-    return write_text(root / "REPORT.md", report_markdown(rec, T.PaperNumbers.load(paper_numbers).citations))
+    return write_text(root / "REPORT.md", report_markdown(rec, P.PaperNumbers.load(paper_numbers).citations))
 
 
 # --------------------------------------------------------------------------------------------- README

@@ -3,7 +3,7 @@
 Inputs are typed records only (:class:`RunRecords` loads them, one per step, with the producers' own
 classes; nothing here parses a layout): 03's :class:`synthesize.SynthesisRecord`, 04's
 :class:`classify.ClassifierRecord`, 05's :class:`ood.OODRecord`. Published numbers come from
-``resources/paper_numbers.yaml`` (schema v2, every cell with its table / row / column as ``source``).
+``resources/paper_numbers.yaml`` through :mod:`realfake_utils.paper` (every cell with its table / row / column).
 
 Each table is a :class:`Table` (title, headers, rows of cells, notes) rendered by :func:`markdown`.
 Per-seed values become estimates (mean, 95 % t interval) only through :mod:`realfake_utils.stats`.
@@ -16,15 +16,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import yaml
-
 from . import classify, finetune, lira, ood, prepare, retrieval, sscd, stats, synthesize
+from .paper import PaperNumbers, paper_column
 from .records import Record
-
-PAPER_NUMBERS = Path(__file__).resolve().parent / "resources" / "paper_numbers.yaml"
 
 # Table 2 of the paper, in its order (row 1 ... 9): the kit's set names (synthesize.set_name).
 TABLE2_ROWS = (
@@ -33,80 +29,6 @@ TABLE2_ROWS = (
 )
 DEFAULT_ROW = "lora-dm-vg-lp"          # the full method (Table 2 row 9)
 TABLE2_COLUMNS = ("IN-10", "IN-100")  # the paper ran the ablation on these two only (Sec. 4.1)
-
-# preset -> (paper column of Table 1, label shown beside it)
-PRESET_COLUMNS = {
-    "digits": ("IN-10", "IN-10 (closest small set: the digits are not ImageNet)"),
-    "smoke": ("IN-10", "IN-10 (closest small set; smoke numbers mean nothing)"),
-    "eurosat-mini": ("EuroSAT", "EuroSAT (the run: a 10,000-image subset at 32 px)"),
-    "eurosat": ("EuroSAT", "EuroSAT"), "eurosat-official": ("EuroSAT", "EuroSAT"),
-    "imagenette": ("IN-10", "IN-10"), "imagenette-official": ("IN-10", "IN-10"),
-    "imagenet100": ("IN-100", "IN-100"), "imagenet100-official": ("IN-100", "IN-100"),
-    "imagenet1k": ("IN-1K", "IN-1K"), "imagenet1k-official": ("IN-1K", "IN-1K"),
-    "cub": ("CUB", "CUB"), "cub-official": ("CUB", "CUB"),
-    "cars": ("Cars", "Cars"), "cars-official": ("Cars", "Cars"),
-    "pets": ("PET", "PET"), "pets-official": ("PET", "PET"),
-}
-MINIATURE_PRESETS = ("digits", "smoke", "eurosat-mini")
-
-
-# --------------------------------------------------------------------------------------------- paper
-@dataclass(frozen=True)
-class PaperCell:
-    """One published number (``paper_numbers.yaml`` v2 entry)."""
-
-    value: float
-    unit: str
-    source: str
-    note: str = ""
-
-
-class PaperNumbers:
-    """The published numbers: ``cell(table, column, row)`` -> :class:`PaperCell` or None (not printed)."""
-
-    def __init__(self, data: dict[str, Any]):
-        if data.get("schema_version") != 2:
-            raise ValueError(f"{PAPER_NUMBERS.name}: schema_version {data.get('schema_version')!r}, expected 2 "
-                             "(see the file's header)")
-        self.data = data
-        self.tables: dict[str, dict[str, dict[str, dict[str, Any]]]] = data.get("tables") or {}
-        self.claims: dict[str, dict[str, str]] = data.get("claims") or {}
-        self.citations: dict[str, str] = data.get("citations") or {}
-
-    @classmethod
-    def load(cls, path: str | Path | None = None) -> "PaperNumbers":
-        return cls(yaml.safe_load(Path(path or PAPER_NUMBERS).read_text()) or {})
-
-    def cell(self, table: str, column: str, row: str) -> PaperCell | None:
-        e = ((self.tables.get(table) or {}).get(column) or {}).get(row)
-        if e is None:
-            return None
-        return PaperCell(float(e["value"]), str(e.get("unit", "")), str(e["source"]), str(e.get("note", "")))
-
-    def value(self, table: str, column: str, row: str) -> float | None:
-        c = self.cell(table, column, row)
-        return None if c is None else c.value
-
-    def claim(self, key: str) -> tuple[str, str]:
-        c = self.claims.get(key) or {}
-        return str(c.get("text", "")), str(c.get("source", ""))
-
-
-def paper_column(preset: str) -> tuple[str, str]:
-    """(Table 1 column, label) the run of ``preset`` is shown beside; an unknown preset (an
-    ``imagefolder`` data set of your own) is shown beside IN-10, labelled as the closest small set."""
-    return PRESET_COLUMNS.get(preset, ("IN-10", "IN-10 (closest small set; not the run's data set)"))
-
-
-def is_paper_preset(preset: str) -> bool:
-    """A preset built on ``params/_paper.yaml`` (the paper's protocol at the paper's sizes)."""
-    from .params import ParamError, load_layers
-
-    try:
-        return any(name == "params/_paper.yaml" for name, _ in load_layers(preset))
-    except ParamError:
-        return False
-
 
 # --------------------------------------------------------------------------------------------- records
 def _record_class(module: Any, name: str) -> type[Record]:

@@ -12,13 +12,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from realfake_utils import claims as C  # noqa: E402
 from realfake_utils import figures as F  # noqa: E402
+from realfake_utils import paper as P  # noqa: E402
 from realfake_utils import classify, finetune, lira, ood, prepare, report, retrieval, sscd, stats, synthesize  # noqa: E402
 from realfake_utils import tables as T  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def paper():
-    return T.PaperNumbers.load()
+    return P.PaperNumbers.load()
 
 
 # ------------------------------------------------------------------------------------------ producers
@@ -140,12 +141,12 @@ def test_paper_numbers_and_columns(paper):
                                                                          88.9, 90.5]
     assert paper.value("table2", "IN-100", "lora-dm-vg-lp") == 80.0
     assert paper.value("fig2", "IN-10", "crossover") == 2.5 and paper.value("table2", "IN-10", "nope") is None
-    assert T.paper_column("eurosat-mini")[0] == "EuroSAT"
-    col, label = T.paper_column("digits")
+    assert P.paper_column("eurosat-mini")[0] == "EuroSAT"
+    col, label = P.paper_column("digits")
     assert col == "IN-10" and "closest small set" in label
-    assert T.is_paper_preset("imagenette") and not T.is_paper_preset("digits")
+    assert P.is_paper_preset("imagenette") and not P.is_paper_preset("digits")
     with pytest.raises(ValueError, match="schema_version"):
-        T.PaperNumbers({"schema_version": 1})
+        P.PaperNumbers({"schema_version": 1})
 
 
 def test_an_empty_run_folder_says_what_to_run(tmp_path, paper):
