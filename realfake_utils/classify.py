@@ -26,7 +26,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, ClassVar, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -34,9 +34,11 @@ import torch.nn as nn
 import yaml
 from PIL import Image
 
+from .data import read_image_set as _data_read_image_set
 from .data import resize_center_crop
 from .params import REPO_ROOT
-from .rundir import atomic_path, confine, read_json, unit_finished, write_json
+from .records import Record
+from .rundir import atomic_path, read_json, unit_finished, write_json
 
 RECIPE_DIR = REPO_ROOT / "params" / "recipes"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -63,7 +65,7 @@ def load_recipe(name_or_path: str = "miniature", image_size: int | None = None,
     recipe = yaml.safe_load(path.read_text())
     recipe["name"] = path.stem
     for key, default in (("model_kwargs", {}), ("small_input", False), ("vflip", 0.0), ("warmup_lr", 1e-5),
-                         ("min_lr", 0.0)):
+                         ("min_lr", 0.0), ("global_batch_size", None)):
         recipe.setdefault(key, default)
     for key, value in overrides.items():
         if key not in recipe:
@@ -143,20 +145,7 @@ def _small_input_stem(net: nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------------------------- data
-def read_image_set(set_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of a synthetic or retrieved set (``manifest.jsonl``: file, label, class_name, ...), with
-    ``path`` made absolute. Same format as ``synthesize.read_synthetic_manifest``."""
-    set_dir = Path(set_dir)
-    manifest = set_dir / "manifest.jsonl"
-    if not manifest.exists():
-        raise FileNotFoundError(f"{manifest} does not exist (an image set is a folder with manifest.jsonl)")
-    rows = []
-    for line in manifest.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            row["path"] = str(confine(set_dir, str(row["file"]), what=f"{manifest}: file"))  # no ../ or /abs
-            rows.append(row)
-    return rows
+read_image_set = _data_read_image_set   # the one image-set reader (data.read_image_set)
 
 
 class FileImages(torch.utils.data.Dataset):
@@ -335,8 +324,8 @@ def train_classifier(out_dir: str | os.PathLike, train_set: torch.utils.data.Dat
         cache = recipe.get("num_workers", 0) == 0
     base = Cached(train_set) if cache else train_set
     data = Transformed(base, train_tf)
-    batch_size = min(int(recipe["batch_size"]), len(data))
-    drop_last = mixup_on or len(data) > batch_size
+    batch_size = per_device_batch_size(recipe, accelerator.num_processes, len(data))
+    drop_last = mixup_on or len(data) > batch_size * accelerator.num_processes
     if mixup_on and batch_size % 2:
         batch_size -= 1
 
@@ -360,23 +349,11 @@ def train_classifier(out_dir: str | os.PathLike, train_set: torch.utils.data.Dat
                                              persistent_workers=False)
         loader = accelerator.prepare_data_loader(loader, device_placement=True)
         scheduler.step(epoch)
-        model.train()
-        total, count = 0.0, 0
-        for x, y in loader:
-            if recipe.get("channels_last") and dev == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            if mixup is not None:
-                x, y = mixup(x, y)  # mixing is linear: the same before or after normalisation
-            with accelerator.autocast():
-                loss = loss_fn(model(x, resize=False), y)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            optimizer.step()
-            total += float(loss.detach()) * len(x)
-            count += len(x)
+        stats = train_one_epoch(model, loader, optimizer, loss_fn, accelerator, mixup,
+                                channels_last=bool(recipe.get("channels_last") and dev == "cuda"))
         elapsed += time.time() - t0
-        history.append({"epoch": epoch + 1, "loss": total / max(count, 1),
-                        "lr": optimizer.param_groups[0]["lr"]})
+        history.append({"epoch": epoch + 1, "loss": stats["loss"], "samples": stats["samples"],
+                        "steps": stats["steps"], "lr": optimizer.param_groups[0]["lr"]})
         if accelerator.is_main_process:
             with atomic_path(ckpt) as tmp:
                 torch.save({"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
@@ -389,15 +366,55 @@ def train_classifier(out_dir: str | os.PathLike, train_set: torch.utils.data.Dat
             return {"stopped_after_epoch": epoch + 1}
 
     metrics = {"info": info, "seed": int(seed), "recipe": recipe["name"], "epochs": num_epochs,
-               "n_train": len(train_set), "train_time_s": elapsed, "history": history}
+               "n_train": len(train_set), "train_time_s": elapsed, "history": history,
+               "processes": accelerator.num_processes, "per_device_batch_size": batch_size}
     if test_set is not None:
-        metrics.update(evaluate(unwrapped, test_set, num_classes, recipe, device=dev))
+        metrics.update(validate(unwrapped, test_set, num_classes, recipe, device=str(accelerator.device)))
     if accelerator.is_main_process:
         with atomic_path(out_dir / "model.pt") as tmp:
             torch.save({"model": unwrapped.state_dict(), "recipe": recipe, "num_classes": num_classes,
                         "class_names": list(class_names or [])}, tmp)
         write_json(metrics_path, metrics)
     return metrics
+
+
+def per_device_batch_size(recipe: dict[str, Any], num_processes: int = 1, n: int | None = None) -> int:
+    """The per-process batch: ``global_batch_size / num_processes`` (Table 8's "128x8" is the global
+    1024 over 8 devices), or ``batch_size`` as the global batch when the recipe names no global one;
+    capped so one global batch fits in ``n`` images. A clear error when it does not divide."""
+    glob = int(recipe.get("global_batch_size") or recipe["batch_size"])
+    if n is not None:
+        glob = min(glob, max(int(n), 1))
+    if glob % int(num_processes) and recipe.get("global_batch_size"):
+        raise ValueError(f"global_batch_size {glob} is not divisible by {num_processes} processes: choose "
+                         f"a multiple of {num_processes}")
+    return max(1, glob // int(num_processes))
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn, accelerator, mixup=None,
+                    channels_last: bool = False) -> dict[str, float]:
+    """One pass over ``loader`` (timm's ``train_one_epoch``): mean loss, and the samples and optimizer
+    steps of this epoch summed over all processes (the same as one process's with the same global
+    batch)."""
+    model.train()
+    total, count, steps = 0.0, 0, 0
+    for x, y in loader:
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if mixup is not None:
+            x, y = mixup(x, y)  # mixing is linear: the same before or after normalisation
+        with accelerator.autocast():
+            loss = loss_fn(model(x, resize=False), y)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        optimizer.step()
+        total += float(loss.detach()) * len(x)
+        count += len(x)
+        steps += 1
+    if accelerator.num_processes > 1:
+        t = accelerator.reduce(torch.tensor([total, float(count)], device=accelerator.device), "sum")
+        total, count = float(t[0]), int(t[1])
+    return {"loss": total / max(count, 1), "samples": int(count), "steps": steps}
 
 
 def load_classifier(run_dir: str | os.PathLike, device: str = "cpu") -> Classifier:
@@ -465,9 +482,10 @@ def accuracy_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: in
             "n_test": int(len(labels))}
 
 
-def evaluate(model: Classifier, test_set, num_classes: int, recipe: dict[str, Any],
+def validate(model: Classifier, test_set, num_classes: int, recipe: dict[str, Any],
              device: str = "cpu", allowed: Sequence[int] | None = None) -> dict[str, Any]:
-    """Metrics of ``model`` on a (PIL, label) dataset, with the recipe's eval transform."""
+    """Metrics of ``model`` on a (PIL, label) dataset with the recipe's eval transform (timm's
+    ``validate``): top-1, top-5, per-class accuracy, confusion matrix."""
     _, test_tf = build_transforms(recipe)
     loader = torch.utils.data.DataLoader(Transformed(test_set, test_tf), batch_size=256, shuffle=False,
                                          num_workers=recipe.get("num_workers", 0))
@@ -476,6 +494,9 @@ def evaluate(model: Classifier, test_set, num_classes: int, recipe: dict[str, An
         logits.append(predict_logits(model, x, device=device))
         ys.append(y)
     return accuracy_metrics(torch.cat(logits), torch.cat(ys), num_classes, allowed)
+
+
+evaluate = validate
 
 
 def confusion_figure(confusion, class_names: Sequence[str] | None = None, title: str = ""):
@@ -502,55 +523,75 @@ def confusion_figure(confusion, class_names: Sequence[str] | None = None, title:
 # --------------------------------------------------------------------------------------------- experiments
 @dataclass
 class RunSpec:
-    """One classifier of a sweep: ``row`` names the table row (e.g. 'real', 'synthetic',
-    'real+synthetic'); ``sources`` are the training sets; ``k`` the synthetic scale (0 for real only)."""
+    """One classifier of a sweep: ``row`` names the training source (``real``, a set name, or
+    ``real+<set>``); ``sources`` are the training sets; ``k`` the synthetic scale (0 for real only);
+    ``synthesis_seed`` the synthetic set's seed (-1 for real only)."""
     row: str
     sources: list[Source]
     seed: int = 0
     k: int = 0
     table: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    synthesis_seed: int = -1
 
     @property
     def name(self) -> str:
         tag = "".join(c if c.isalnum() or c in "-_+." else "_" for c in self.row)
+        if self.synthesis_seed >= 0:
+            tag += f".ss{self.synthesis_seed}"
         return f"{tag}__k{self.k}__s{self.seed}"
 
 
-def _set_complete(set_dir: Path) -> bool:
-    if not (set_dir / "synthesis.json").exists():  # a hand-made set (tests, retrieval): manifest only
-        return True
-    from .synthesize import set_status
+def _source_identity(src: Source) -> str:
+    """Content identity of a training source (the cache key of a classifier folder): the manifest's
+    bytes for real data, the completion marker's key (or the manifest's bytes) for an image set."""
+    from .rundir import DONE, file_sha256
 
-    return set_status(set_dir)["complete"]
+    p = Path(src.path)
+    if src.kind == "real":
+        return file_sha256(p)
+    marker = p / DONE
+    if marker.exists():
+        return str(read_json(marker).get("key", "")) + ":" + file_sha256(p / "manifest.jsonl")
+    return file_sha256(p / "manifest.jsonl")
+
+
+def run_key(spec: RunSpec, recipe: dict[str, Any]) -> str:
+    """The cache key of one classifier: recipe, seed and the content of its sources (no paths)."""
+    from .rundir import content_hash
+
+    return content_hash({"recipe": recipe, "seed": spec.seed,
+                         "sources": [[s.kind, _source_identity(s)] for s in spec.sources]})
 
 
 def discover_sets(synthetic_root: str | os.PathLike) -> dict[str, dict[int, Path]]:
-    """``artifacts/synthetic/<variant>/k<k>/manifest.jsonl`` -> {variant: {k: folder}} (only finished
-    sets: every planned image on disk, see ``synthesize.set_status``; a set still being written by a
-    running or killed synthesis is left out)."""
-    root = Path(synthetic_root)
+    """Complete sets under ``artifacts/synthetic/<name>/k<k>[-s<seed>]/`` -> {name: {k: folder}} (the
+    lowest seed per k). Only sets whose completion marker verifies (``synthesize.is_complete``): a set
+    still being written, or killed, is left out. 04 itself reads 03's record instead."""
+    import re
+
+    from .synthesize import is_complete
+
     out: dict[str, dict[int, Path]] = {}
-    if not root.exists():
-        return out
-    for manifest in sorted(root.glob("*/k*/manifest.jsonl")):
-        kdir = manifest.parent
-        try:
-            k = int(kdir.name[1:])
-        except ValueError:
-            continue
-        if manifest.stat().st_size > 0 and _set_complete(kdir):
-            out.setdefault(kdir.parent.name, {})[k] = kdir
+    for spec in sorted(Path(synthetic_root).glob("*/k*/synthesis.json")):
+        m = re.fullmatch(r"k(\d+)(?:-s(\d+))?", spec.parent.name)
+        if m and is_complete(spec.parent):
+            out.setdefault(spec.parent.parent.name, {}).setdefault(int(m.group(1)), spec.parent)
     return out
 
 
 def run_experiments(specs: Iterable[RunSpec], manifest: str | os.PathLike, out_root: str | os.PathLike,
                     recipe: dict[str, Any], device: str = "auto", pretrained_path: str = "",
                     verbose: bool = True) -> list[dict[str, Any]]:
-    """Train every run of ``specs`` (resumable: finished runs are read back, half-done ones resume) and
-    return one flat record per run: row, table, k, seed, source, top1, top5, time, path."""
+    """Train every run of ``specs`` (resumable: a finished run whose marker ``rundir.is_done`` verifies
+    for the same recipe / seed / source content is read back; a half-done one resumes; one made from
+    other content is retrained) and return one flat dict per run: row, table, k, synthesis_seed, seed,
+    source, top1, top5, n_train, time, path."""
+    import shutil
+
     from .data import class_names as manifest_class_names
     from .data import read_manifest
+    from .rundir import is_done, mark_done
 
     rows = read_manifest(manifest)
     names = manifest_class_names(rows)
@@ -563,35 +604,45 @@ def run_experiments(specs: Iterable[RunSpec], manifest: str | os.PathLike, out_r
     specs = list(specs)
     for i, spec in enumerate(specs, 1):
         out_dir = Path(out_root) / spec.name
-        done = (out_dir / "metrics.json").exists()
+        key = run_key(spec, recipe)
+        done = is_done(out_dir, key)
+        if not done and (out_dir / "config.json").exists() and \
+                read_json(out_dir / "config.json").get("info", {}).get("key") != key:
+            shutil.rmtree(out_dir)   # made from other sources / recipe: not a resume point
         t0 = time.time()
-        if not done:
+        info = {"row": spec.row, "table": spec.table, "k": spec.k, "seed": spec.seed,
+                "synthesis_seed": spec.synthesis_seed, "source": "+".join(s.kind for s in spec.sources),
+                "key": key, **spec.extra}
+        if done:
+            m = read_json(out_dir / "metrics.json")
+        else:
             parts = []
             for src in spec.sources:
-                key = f"{src.kind}:{src.path}"
-                if key not in cache:
+                ck = f"{src.kind}:{src.path}"
+                if ck not in cache:
                     ds = source_dataset(src, size)
                     _check_labels(ds, src, names)
-                    cache[key] = Cached(ds) if in_memory else ds
-                parts.append(cache[key])
+                    cache[ck] = Cached(ds) if in_memory else ds
+                parts.append(cache[ck])
             train_set = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
-        else:
-            train_set = None
-        info = {"row": spec.row, "table": spec.table, "k": spec.k, "seed": spec.seed,
-                "source": "+".join(s.kind for s in spec.sources),
-                "sets": [str(s.path) for s in spec.sources], **spec.extra}
-        m = train_classifier(out_dir, train_set, test_set, len(names), recipe, seed=spec.seed,
-                             device=device, pretrained_path=pretrained_path, info=info,
-                             class_names=names, cache=False) if not done else read_json(out_dir / "metrics.json")
+            m = train_classifier(out_dir, train_set, test_set, len(names), recipe, seed=spec.seed,
+                                 device=device, pretrained_path=pretrained_path, info=info,
+                                 class_names=names, cache=False)
+            if (out_dir / "metrics.json").exists() and _is_main_process():
+                mark_done(out_dir, key, ["metrics.json", "model.pt"], info={"top1": m["top1"]})
         if verbose:
             state = "cached" if done else f"{time.time() - t0:.1f}s"
             print(f"[{i}/{len(specs)}] {spec.name}: top-1 {m['top1']:.4f} top-5 {m['top5']:.4f} ({state})",
                   flush=True)
         records.append({"name": spec.name, "row": spec.row, "table": spec.table, "k": spec.k,
-                        "seed": spec.seed, "source": info["source"], "top1": m["top1"], "top5": m["top5"],
-                        "per_class": m["per_class"], "n_train": m["n_train"],
-                        "train_time_s": m["train_time_s"], "path": str(out_dir)})
+                        "synthesis_seed": spec.synthesis_seed, "seed": spec.seed, "source": info["source"],
+                        "top1": m["top1"], "top5": m["top5"], "per_class": m["per_class"],
+                        "n_train": m["n_train"], "train_time_s": m["train_time_s"], "path": str(out_dir)})
     return records
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _check_labels(ds, src: Source, names: Sequence[str]) -> None:
@@ -607,122 +658,245 @@ def _check_labels(ds, src: Source, names: Sequence[str]) -> None:
             raise ValueError(f"{src.path}: label {lab} is '{cn}' but the real data calls it '{names[lab]}'")
 
 
-def summarise(records: Sequence[dict[str, Any]], keys: Sequence[str] = ("table", "row", "k"),
-              metric: str = "top1") -> list[dict[str, Any]]:
-    """Mean, sample std, min, max and n over seeds for each group of ``keys``."""
-    groups: dict[tuple, list[float]] = {}
-    for r in records:
-        groups.setdefault(tuple(r[k] for k in keys), []).append(float(r[metric]))
+# --------------------------------------------------------------------------------------------- the record
+TABLES = ("table1", "table2", "table3")
+
+
+@dataclass
+class ClassifierRun:
+    """One trained classifier (once, whatever the number of tables it appears in)."""
+
+    source: str            # "real", a synthetic set name (e.g. lora-dm-vg-lp), "real+<set>", "retrieved-..."
+    tables: list[str]      # of table1 | table2 | table3
+    k: int                 # synthetic images per real train image (0: real only)
+    synthesis_seed: Optional[int]   # the synthetic set's seed (None: real only)
+    classifier_seed: int   # the same seeds for every row: paired comparisons
+    top1: float            # fractions on the real test split
+    top5: float
+    n_train: int
+    path: str              # the classifier folder, relative to the run folder
+    table2_row: str = ""   # the Table 2 row of a synthetic source ("" for real)
+    train_time_s: float = 0.0
+
+
+@dataclass
+class Effect:
+    """A Table 2 component effect: ``b - a`` in top-1 points, paired over (synthesis seed, classifier
+    seed), with its 95 % t interval (``stats.paired``)."""
+
+    name: str
+    a: str
+    b: str
+    diff: float
+    lo: float
+    hi: float
+    p: Optional[float]
+    n: int
+    verdict: str
+
+
+@dataclass
+class ClassifierRecord(Record):
+    """Results of 04 (``results/04_train_classifier.json``): every classifier of Tables 1-3."""
+
+    STEP: ClassVar[str] = "04_train_classifier"
+
+    runs: list[ClassifierRun]
+    recipe: dict[str, Any]
+    seeds: list[int]
+    default_row: str
+    scale_k: list[int]
+    n_real_train: int
+    effects: list[Effect] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+    def select(self, table: str, source: Optional[str] = None, k: Optional[int] = None) -> list[ClassifierRun]:
+        """Runs of ``table`` (``source``: a source name or a Table 2 row name)."""
+        return [r for r in self.runs if table in r.tables and (source is None or r.source == source
+                                                                 or r.table2_row == source)
+                and (k is None or r.k == int(k))]
+
+    def values(self, table: str, source: str, k: Optional[int] = None, metric: str = "top1") -> list[float]:
+        """Per-run values in % sorted by (synthesis seed, classifier seed): aligned across rows."""
+        runs = sorted(self.select(table, source, k), key=_pair_key)
+        return [100 * getattr(r, metric) for r in runs]
+
+    def estimate(self, table: str, source: str, k: Optional[int] = None, metric: str = "top1"):
+        from .stats import seed_stats
+
+        return seed_stats(self.values(table, source, k, metric))
+
+
+def _pair_key(r: ClassifierRun) -> tuple[int, int]:
+    return (-1 if r.synthesis_seed is None else r.synthesis_seed, r.classifier_seed)
+
+
+# Table 2's component effects (paper order of the rows: ROWS of synthesize). Each is (a, b): b adds
+# one component to a, both sampled with the same synthesis seeds and trained with the same seeds.
+TABLE2_EFFECTS = (
+    ("LoRA fine-tuning", "base-novg-t2i", "lora-nodm-novg-t2i"),
+    ("visual guidance", "lora-nodm-novg-t2i", "lora-nodm-vg-t2i"),
+    ("DM loss", "lora-nodm-novg-t2i", "lora-dm-novg-t2i"),
+    ("DM loss + visual guidance", "lora-nodm-novg-t2i", "lora-dm-vg-t2i"),
+    ("latent prior (vanilla base)", "base-novg-t2i", "base-novg-lp"),
+    ("latent prior (full method)", "lora-dm-vg-t2i", "lora-dm-vg-lp"),
+    ("DM loss, with LP + VG", "lora-nodm-vg-lp", "lora-dm-vg-lp"),
+    ("visual guidance, with LP + DM", "lora-dm-novg-lp", "lora-dm-vg-lp"),
+    ("full method vs vanilla base", "base-novg-t2i", "lora-dm-vg-lp"),
+)
+
+
+def table2_effects(runs: Sequence[ClassifierRun]) -> list[Effect]:
+    """Every :data:`TABLE2_EFFECTS` both of whose rows ran, as a paired comparison (``stats.paired``
+    over the (synthesis seed, classifier seed) pairs both rows share)."""
+    from .stats import paired, verdict
+
+    by: dict[str, dict[tuple[int, int], float]] = {}
+    for r in runs:
+        if "table2" in r.tables:
+            by.setdefault(r.table2_row, {})[_pair_key(r)] = 100 * r.top1
     out = []
-    for key, vals in groups.items():
-        a = np.asarray(vals)
-        out.append({**dict(zip(keys, key)), "mean": float(a.mean()),
-                    "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
-                    "min": float(a.min()), "max": float(a.max()), "n": int(len(a)), "metric": metric})
+    for name, a, b in TABLE2_EFFECTS:
+        if a not in by or b not in by:
+            continue
+        common = sorted(set(by[a]) & set(by[b]))
+        c = paired([by[a][x] for x in common], [by[b][x] for x in common])
+        out.append(Effect(name, a, b, c.diff, c.lo, c.hi, c.p, len(common), verdict(c, "greater")))
     return out
 
 
-# --------------------------------------------------------------------------------------------- paper tables
-# Numbers of the paper this module could verify (abstract of arXiv:2310.10402): ImageNet-1K, ResNet-50,
-# synthetic data only, top-1 % at scale k. Other table values are left out rather than guessed.
-PAPER_SYNTHETIC_ONLY_IN1K = {1: 70.9, 10: 76.0}
+def plan_runs(synthesis: Any, run_root: str | os.PathLike, seeds: Sequence[int],
+              retrieved_set: str = "") -> tuple[list[RunSpec], list[str]]:
+    """The classifiers of Tables 1-3 from 03's record (``synthesize.SynthesisRecord``), never from 03's
+    parameters. Returns (specs, missing). Every spec carries the same classifier ``seeds``:
 
-
-def run_tag(kind: str, set_name: str = "") -> str:
-    return {"real": "real", "synthetic": set_name, "real+synthetic": f"real+{set_name}",
-            "retrieved": f"retrieved-{set_name or 'set'}"}[kind]
-
-
-def plan_runs(manifest: str | os.PathLike, synthetic_root: str | os.PathLike, default_set: str,
-              ablation_sets: Sequence[str], ablation_k: int, scale_k: Sequence[int], seeds: Sequence[int],
-              retrieved_set: str = "") -> tuple[list[RunSpec], dict[str, list[dict]], list[str]]:
-    """The runs of Tables 1-3 that the synthetic sets on disk allow.
-
-    Returns (specs without duplicates, tables {table: [{label, row, k}]}, missing: one message per row
-    that cannot run because its synthetic set is absent). Table 1: real, synthetic (default set at
-    ``ablation_k``), real + synthetic. Table 2: every ablation set at ``ablation_k``, synthetic only.
-    Table 3 / Fig. 2: the default set at each k of ``scale_k``, synthetic only and real + synthetic.
+    - Table 1: real only; synthetic only (the default row's k = 1 sets, every synthesis seed); real +
+      synthetic = the real train split + that k = 1 set (twice the data, Apx. G.2);
+    - Table 2: every row's k = 1 sets (every synthesis seed), synthetic only;
+    - Table 3 / Fig. 2: the default row's sets at every k (first synthesis seed), synthetic only, against
+      the real-only line.
     """
-    sets = discover_sets(synthetic_root)
-    specs: dict[str, RunSpec] = {}
-    tables: dict[str, list[dict]] = {"table1": [], "table2": [], "table3": []}
+    root = Path(run_root)
+    manifest = root / "artifacts" / "data" / "manifest.csv"
+    specs: list[RunSpec] = []
     missing: list[str] = []
 
-    def add(table: str, label: str, kind: str, set_name: str = "", k: int = 0, hint: str = "") -> None:
-        sources = []
-        if kind in ("real", "real+synthetic"):
-            sources.append(Source("real", str(manifest)))
-        if kind in ("synthetic", "real+synthetic"):
-            folder = sets.get(set_name, {}).get(k)
-            if folder is None:
-                missing.append(f"{table} row '{label}': no synthetic set {Path(synthetic_root) / set_name / f'k{k}'}"
-                               f" - {hint}")
-                return
-            sources.append(Source("synthetic", str(folder), k=k, name=set_name))
-        if kind == "retrieved":
-            sources.append(Source("retrieved", retrieved_set, k=k, name="retrieved"))
-        row = run_tag(kind, set_name)
-        tables[table].append({"label": label, "row": row, "k": k})
+    def add(table: str, row: str, sources: list[Source], k: int, ss: int, table2_row: str = "") -> None:
         for seed in seeds:
-            spec = RunSpec(row, sources, seed=seed, k=k)
-            specs.setdefault(spec.name, spec)
+            specs.append(RunSpec(row, sources, seed=int(seed), k=k, table=table, synthesis_seed=ss,
+                                 extra={"table2_row": table2_row}))
 
-    k1 = int(ablation_k)
-    hint_default = "run 03_synthesize with default_row (and ablation_k / scale_k) to write it"
-    add("table1", "real only", "real")
-    add("table1", "synthetic only", "synthetic", default_set, k1, hint_default)
-    add("table1", "real + synthetic", "real+synthetic", default_set, k1, hint_default)
+    real = Source("real", str(manifest))
+    add("table1", "real", [real], 0, -1)
+    default_sets = synthesis.of_row(synthesis.default_row, 1)
+    if not default_sets:
+        missing.append(f"Table 1: no complete k=1 set of the default row {synthesis.default_row} in 03's record "
+                       f"(skipped: {synthesis.skipped or 'none'})")
+    for s in default_sets:
+        src = Source("synthetic", str(root / s.path), k=1, name=s.name)
+        add("table1", s.name, [src], 1, s.synthesis_seed, s.table2_row)
+        add("table1", f"real+{s.name}", [real, src], 1, s.synthesis_seed, s.table2_row)
     if retrieved_set:
-        add("table1", "retrieved real", "retrieved", "", 0)
-    for name in ablation_sets:
-        add("table2", name, "synthetic", name, k1, "03_synthesize parameter ablation_rows")
-    for k in scale_k:
-        add("table3", f"synthetic k={k}", "synthetic", default_set, int(k), "03_synthesize parameter scale_k")
-        add("table3", f"real + synthetic k={k}", "real+synthetic", default_set, int(k),
-            "03_synthesize parameter scale_k")
-    return list(specs.values()), tables, missing
+        add("table1", "retrieved-set", [Source("retrieved", retrieved_set, name="retrieved")], 0, -1)
+    for row in synthesis.rows:
+        sets = synthesis.of_row(row, 1)
+        if not sets:
+            missing.append(f"Table 2 row {row}: no complete set in 03's record")
+        for s in sets:
+            add("table2", s.name, [Source("synthetic", str(root / s.path), k=1, name=s.name)], 1,
+                s.synthesis_seed, s.table2_row)
+    for s in synthesis.scale_sets():
+        add("table3", s.name, [Source("synthetic", str(root / s.path), k=s.k, name=s.name)], s.k,
+            s.synthesis_seed, s.table2_row)
+    have = {s.k for s in synthesis.scale_sets()}
+    missing += [f"Table 3: no complete set of {synthesis.default_row} at k={k}" for k in synthesis.scale_k
+                if k not in have]
+    return specs, missing
 
 
-def table_summary(records: Sequence[dict[str, Any]], tables: dict[str, list[dict]],
-                  metric: str = "top1") -> dict[str, list[dict[str, Any]]]:
-    """Per table, one line per row: label, n_train, mean / std / min / max over seeds (in %)."""
-    summ = {(s["row"], s["k"]): s for s in summarise(records, keys=("row", "k"), metric=metric)}
-    n_train = {(r["row"], r["k"]): r["n_train"] for r in records}
-    out = {}
-    for table, rows in tables.items():
-        lines = []
-        for r in rows:
-            s = summ.get((r["row"], r["k"]))
-            if s is None:
-                continue
-            lines.append({"label": r["label"], "row": r["row"], "k": r["k"], "n": s["n"],
-                          "n_train": n_train[(r["row"], r["k"])], "mean": 100 * s["mean"],
-                          "std": 100 * s["std"], "min": 100 * s["min"], "max": 100 * s["max"]})
-        out[table] = lines
+def train_tables(run: Any, recipe: dict[str, Any], seeds: Sequence[int], device: str = "auto",
+                 pretrained_path: str = "", retrieved_set: str = "", verbose: bool = True) -> ClassifierRecord:
+    """04's whole work: the classifiers of Tables 1-3 for the sets in 03's record, resumable, as a
+    :class:`ClassifierRecord` (with the paired Table 2 effects)."""
+    from .synthesize import SynthesisRecord
+
+    if not seeds:
+        raise ValueError("seeds is empty: give at least one classifier seed (digits: [0, 1, 2])")
+    synthesis = SynthesisRecord.load(run)
+    root = Path(run.root)
+    specs, missing = plan_runs(synthesis, root, seeds, retrieved_set)
+    for m in missing:
+        print("CANNOT RUN", m)
+    unique = list({s.name: s for s in specs}.values())
+    tables: dict[str, list[str]] = {}
+    for s in specs:
+        tables.setdefault(s.name, [])
+        if s.table not in tables[s.name]:
+            tables[s.name].append(s.table)
+    results = run_experiments(unique, root / "artifacts" / "data" / "manifest.csv",
+                              root / "artifacts" / "classifiers", recipe, device=device,
+                              pretrained_path=pretrained_path, verbose=verbose)
+    runs = [ClassifierRun(source=s.row, tables=tables[s.name], k=s.k,
+                          synthesis_seed=None if s.synthesis_seed < 0 else s.synthesis_seed,
+                          classifier_seed=s.seed, top1=r["top1"], top5=r["top5"], n_train=r["n_train"],
+                          path=Record.rel(run, r["path"]), table2_row=s.extra.get("table2_row", ""),
+                          train_time_s=round(r["train_time_s"], 2)) for s, r in zip(unique, results)]
+    return ClassifierRecord(runs=runs, recipe=recipe, seeds=[int(x) for x in seeds],
+                            default_row=synthesis.default_row, scale_k=list(synthesis.scale_k),
+                            n_real_train=synthesis.n_real_train, effects=table2_effects(runs), missing=missing)
+
+
+# --------------------------------------------------------------------------------------------- tables
+def table_lines(record: ClassifierRecord, table: str, metric: str = "top1") -> list[dict[str, Any]]:
+    """One line per source of ``table`` (in run order): source, k, n_train, n runs and the
+    ``stats.seed_stats`` estimate (%, over synthesis x classifier seeds)."""
+    from .stats import seed_stats
+
+    keys = list(dict.fromkeys((r.source, r.k) for r in record.runs if table in r.tables))
+    out = []
+    for source, k in keys:
+        runs = [r for r in record.runs if table in r.tables and r.source == source and r.k == k]
+        est = seed_stats([100 * getattr(r, metric) for r in runs])
+        out.append({"source": source, "k": k, "n_train": runs[0].n_train, "table2_row": runs[0].table2_row,
+                    "estimate": est})
     return out
 
 
 def format_table(lines: Sequence[dict[str, Any]], title: str = "") -> str:
+    """A text table: source, k, n_train, mean +- 95 % half-width, [min, max], runs."""
     out = [title] if title else []
-    out.append(f"{'row':<34} {'n_train':>7} {'top-1 % mean':>12} {'+-std':>6} {'[min, max]':>14} seeds")
+    out.append(f"{'source':<34} {'k':>2} {'n_train':>7} {'top-1 % (95% CI)':>22} {'[min, max]':>14} runs")
     for ln in lines:
-        out.append(f"{ln['label']:<34} {ln['n_train']:>7} {ln['mean']:>12.2f} {ln['std']:>6.2f} "
-                   f"[{ln['min']:5.1f}, {ln['max']:5.1f}] {ln['n']:>3}")
+        e = ln["estimate"]
+        out.append(f"{ln['source']:<34} {ln['k']:>2} {ln['n_train']:>7} {e.fmt(2):>22} "
+                   f"[{e.min:5.1f}, {e.max:5.1f}] {e.n:>3}")
     return "\n".join(out)
 
 
-def plot_table(lines: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]], title: str):
-    """Bars of the mean over seeds, error bars of the std, every seed as a dot."""
+def format_effects(effects: Sequence[Effect]) -> str:
+    out = [f"{'Table 2 effect (paired)':<32} {'b - a (points)':>16} {'95% CI':>18} {'n':>3}  verdict"]
+    for e in effects:
+        out.append(f"{e.name:<32} {e.diff:>+16.2f} [{e.lo:+6.2f}, {e.hi:+6.2f}] {e.n:>3}  {e.verdict}")
+    return "\n".join(out)
+
+
+def plot_table(record: ClassifierRecord, table: str, title: str):
+    """Bars of the mean, 95 % interval as error bars, every run as a dot."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(lines) + 1.5), 3.6))
+    lines = table_lines(record, table)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(lines) + 1.5), 3.6))
     for i, ln in enumerate(lines):
-        ax.bar(i, ln["mean"], yerr=ln["std"], color="C0" if "real" not in ln["row"] else "C1",
-               alpha=0.75, capsize=4)
-        vals = [100 * r["top1"] for r in records if r["row"] == ln["row"] and r["k"] == ln["k"]]
-        ax.scatter([i] * len(vals), vals, color="k", s=10, zorder=3)
-    ax.set_xticks(range(len(lines)), [ln["label"] for ln in lines], rotation=25, ha="right", fontsize=8)
-    lo = min([ln["min"] for ln in lines] or [0])
+        e = ln["estimate"]
+        half = e.half_width if e.n > 1 else 0.0
+        ax.bar(i, e.mean, yerr=half, color="C1" if ln["source"].startswith("real") else "C0", alpha=0.75,
+               capsize=4)
+        vals = [100 * r.top1 for r in record.runs if table in r.tables and r.source == ln["source"]
+                and r.k == ln["k"]]
+        ax.scatter([i] * len(vals), vals, color="k", s=8, zorder=3)
+    ax.set_xticks(range(len(lines)), [ln["source"] + (f" k={ln['k']}" if table == "table3" else "")
+                                      for ln in lines], rotation=30, ha="right", fontsize=7)
+    lo = min([ln["estimate"].min for ln in lines] or [0])
     ax.set_ylim(max(0, lo - 10), 100)
     ax.set_ylabel("top-1 on the real test split (%)")
     ax.set_title(title, fontsize=10)
@@ -730,39 +904,84 @@ def plot_table(lines: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]
     return fig
 
 
-def plot_scaling(lines: Sequence[dict[str, Any]], real_line: dict[str, Any] | None, title: str = "",
-                 paper: dict[int, float] | None = None):
-    """Fig. 2: accuracy against k (synthetic only, real + synthetic) with the real-data line; the paper's
-    verified ImageNet-1K points in a second panel."""
+# --------------------------------------------------------------------------------------------- Fig. 2
+def crossover_k(ks: Sequence[float], means: Sequence[float], real: float) -> Optional[float]:
+    """The scale where synthetic-only accuracy first reaches the real-only line, interpolated linearly
+    in log k between the two measured k around it (the paper's 2.5x on IN-10, 6.5x on IN-100, Sec. 4.3);
+    the first k itself if it is already at or above; None if never."""
+    pts = sorted(zip(ks, means))
+    for i, (k, m) in enumerate(pts):
+        if m >= real:
+            if i == 0:
+                return float(k)
+            (k0, m0) = pts[i - 1]
+            t = (real - m0) / (m - m0)
+            return float(math.exp(math.log(k0) + t * (math.log(k) - math.log(k0))))
+    return None
+
+
+def scaling_points(record: ClassifierRecord) -> dict[str, Any]:
+    """Fig. 2's data: per k the synthetic-only estimate (Table 3 runs), the real-only estimate (Table 1)
+    and the crossover scale (on the means)."""
+    from .stats import seed_stats
+
+    ks = sorted({r.k for r in record.runs if "table3" in r.tables})
+    syn = {k: seed_stats([100 * r.top1 for r in record.runs if "table3" in r.tables and r.k == k]) for k in ks}
+    real = seed_stats([100 * r.top1 for r in record.runs if r.source == "real"])
+    cross = crossover_k(ks, [syn[k].mean for k in ks], real.mean) if ks and real.n else None
+    return {"k": ks, "synthetic": syn, "real": real, "crossover_k": cross}
+
+
+def plot_scaling(record: ClassifierRecord, paper: Optional[dict[int, float]] = None,
+                 paper_crossover: Optional[float] = None, title: str = ""):
+    """Fig. 2 analog (the one scaling figure; 09 reuses it): synthetic-only top-1 against k with 95 %
+    intervals, the real-only line with its interval band, and a mark where synthetic-only crosses the
+    real line (if it does). ``paper``: published points {k: top-1} drawn in a second panel with the
+    published crossover ``paper_crossover``."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2 if paper else 1, figsize=(9 if paper else 5, 3.6), squeeze=False)
+    pts = scaling_points(record)
+    fig, axes = plt.subplots(1, 2 if paper else 1, figsize=(9.5 if paper else 5.2, 3.8), squeeze=False)
     ax = axes[0, 0]
-    for prefix, color in (("synthetic k=", "C0"), ("real + synthetic k=", "C2")):
-        pts = sorted((ln["k"], ln["mean"], ln["std"]) for ln in lines if ln["label"].startswith(prefix))
-        if pts:
-            k, m, s = map(np.asarray, zip(*pts))
-            ax.errorbar(k, m, yerr=s, marker="o", capsize=4, color=color, label=prefix.rstrip(" k="))
-    if real_line:
-        ax.axhline(real_line["mean"], color="C1", ls="--", label="real only")
-        ax.axhspan(real_line["mean"] - real_line["std"], real_line["mean"] + real_line["std"], color="C1",
-                   alpha=0.15)
-    _k_axis(ax, sorted({ln["k"] for ln in lines}))
+    ks = pts["k"]
+    if ks:
+        m = np.array([pts["synthetic"][k].mean for k in ks])
+        lo = np.array([pts["synthetic"][k].lo if pts["synthetic"][k].n > 1 else pts["synthetic"][k].mean for k in ks])
+        hi = np.array([pts["synthetic"][k].hi if pts["synthetic"][k].n > 1 else pts["synthetic"][k].mean for k in ks])
+        ax.errorbar(ks, m, yerr=[m - lo, hi - m], marker="o", capsize=4, color="C0", label="synthetic only")
+    real = pts["real"]
+    if real.n:
+        ax.axhline(real.mean, color="C3", ls="--", label="real only")
+        if real.n > 1:
+            ax.axhspan(real.lo, real.hi, color="C3", alpha=0.12)
+    if pts["crossover_k"] is not None:
+        ax.axvline(pts["crossover_k"], color="k", ls=":", lw=1)
+        ax.annotate(f"crosses real at {pts['crossover_k']:.1f}x", (pts["crossover_k"], real.mean),
+                    textcoords="offset points", xytext=(5, -14), fontsize=8)
+    elif ks:
+        ax.text(0.02, 0.04, "synthetic only stays below real", transform=ax.transAxes, fontsize=8)
+    _k_axis(ax, ks)
     ax.set_xlabel("k (synthetic images per real training image)")
     ax.set_ylabel("top-1 (%)")
-    ax.set_title(title or "this run (mean +- std over seeds)", fontsize=10)
+    ax.set_title(title or "this run (mean, 95 % interval)", fontsize=10)
     ax.legend(fontsize=8)
     if paper:
         ax2 = axes[0, 1]
-        ks = sorted(paper)
-        ax2.plot(ks, [paper[k] for k in ks], "o-", color="C0", label="synthetic only")
-        _k_axis(ax2, ks)
+        pk = sorted(paper)
+        ax2.plot(pk, [paper[k] for k in pk], "o-", color="C0", label="synthetic only (paper)")
+        if paper_crossover:
+            ax2.axvline(paper_crossover, color="k", ls=":", lw=1)
+            ax2.text(paper_crossover, min(paper.values()), f" {paper_crossover}x", fontsize=8)
+        _k_axis(ax2, pk)
         ax2.set_xlabel("k")
         ax2.set_ylabel("top-1 (%)")
-        ax2.set_title("paper: ImageNet-1K, ResNet-50 (abstract)", fontsize=10)
+        ax2.set_title("paper", fontsize=10)
         ax2.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+plot_scaling_record = plot_scaling   # the name 09 (figures.step_figures) calls
 
 
 def _k_axis(ax, ks: Sequence[int]) -> None:
@@ -775,12 +994,13 @@ def _k_axis(ax, ks: Sequence[int]) -> None:
 
 # --------------------------------------------------------------------------------------------- command line
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Run the Tables 1-3 sweep of a run folder outside the notebook, e.g. on several GPUs:
+    """Train 04's classifiers of a run folder outside the notebook, e.g. on several GPUs / processes:
 
-        accelerate launch -m realfake_utils.classify --run-dir runs/imagenette --recipe imagenette \\
-            --default-set lora-dm-vg-lp --seeds 0
+        accelerate launch --num_processes 2 -m realfake_utils.classify --run-dir runs/digits --seeds 0 1 2
 
-    Same runs, folders and resumption as ``04_train_classifier`` (which then only reads them back).
+    ``--sources all``: the Tables 1-3 runs of 03's record (same folders and resumption as
+    04_train_classifier, which then reads them back); ``--sources real``: the real-only runs. Per-device
+    batch = the recipe's global batch / processes (the same samples and steps per epoch as one process).
     """
     import argparse
 
@@ -789,23 +1009,29 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--run-dir", required=True)
     p.add_argument("--recipe", default="miniature")
     p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--default-set", default="lora-dm-vg-lp")
-    p.add_argument("--ablation-sets", nargs="*", default=[])
-    p.add_argument("--ablation-k", type=int, default=1)
-    p.add_argument("--scale-k", type=int, nargs="*", default=[1])
+    p.add_argument("--recipe-overrides", default="{}", help="JSON dict, e.g. '{\"epochs\": 2}'")
     p.add_argument("--seeds", type=int, nargs="*", default=[0])
+    p.add_argument("--sources", choices=("all", "real"), default="all")
     p.add_argument("--pretrained-path", default="")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0)
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     root = Path(args.run_dir)
     manifest = root / "artifacts" / "data" / "manifest.csv"
-    recipe = load_recipe(args.recipe, image_size=args.image_size)
-    specs, _, missing = plan_runs(manifest, root / "artifacts" / "synthetic", args.default_set,
-                                  args.ablation_sets, args.ablation_k, args.scale_k, args.seeds)
-    for m in missing:
-        print("CANNOT RUN", m)
+    recipe = load_recipe(args.recipe, image_size=args.image_size, **json.loads(args.recipe_overrides))
+    if args.sources == "real":
+        specs = [RunSpec("real", [Source("real", str(manifest))], seed=s, table="table1") for s in args.seeds]
+    else:
+        from .synthesize import SynthesisRecord
+
+        specs, missing = plan_runs(SynthesisRecord.load(root), root, args.seeds)
+        for m in missing:
+            print("CANNOT RUN", m)
+        specs = list({s.name: s for s in specs}.values())
     return run_experiments(specs, manifest, root / "artifacts" / "classifiers", recipe, device=args.device,
-                           pretrained_path=args.pretrained_path)
+                           pretrained_path=args.pretrained_path, verbose=_is_main_process())
 
 
 if __name__ == "__main__":

@@ -655,6 +655,62 @@ def prepare_data(dataset: str, data_root: str | os.PathLike, out_dir: str | os.P
     return manifest
 
 
+# --------------------------------------------------------------------------------------------------
+# Image sets (synthetic sets of 03, retrieved sets of 08): one reader / writer
+# --------------------------------------------------------------------------------------------------
+IMAGE_SET_MANIFEST = "manifest.jsonl"
+
+
+def write_image_set(set_dir: str | os.PathLike, rows: Iterable[dict]) -> Path:
+    """Write ``set_dir/manifest.jsonl`` atomically: one JSON object per image, each with at least
+    ``file`` (relative to ``set_dir``), ``label`` and ``class_name``. A ``path`` key is never stored
+    (it is derived on reading), so a set folder can be moved or shared."""
+    set_dir = Path(set_dir)
+    text = "".join(json.dumps({k: v for k, v in r.items() if k != "path"}, sort_keys=True) + "\n"
+                   for r in rows)
+    with atomic_path(set_dir / IMAGE_SET_MANIFEST) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return set_dir / IMAGE_SET_MANIFEST
+
+
+def read_image_set(set_dir: str | os.PathLike, missing_ok: bool = False) -> list[dict]:
+    """Rows of ``set_dir/manifest.jsonl`` with ``path`` = ``set_dir / file``, confined to ``set_dir``
+    (:func:`rundir.confine`: an absolute path or a ``..`` escape is an error naming the entry).
+    ``missing_ok`` gives ``[]`` for a set whose manifest is not written yet."""
+    from .rundir import confine
+
+    set_dir = Path(set_dir)
+    manifest = set_dir / IMAGE_SET_MANIFEST
+    if not manifest.exists():
+        if missing_ok:
+            return []
+        raise FileNotFoundError(f"{manifest} does not exist (an image set is a folder with "
+                                f"{IMAGE_SET_MANIFEST}; synthetic sets are written by 03_synthesize)")
+    rows = []
+    for n, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{manifest} line {n} is not JSON ({err}); rewrite the set's manifest "
+                            "(python -m realfake_utils.synthesize --set-dir ... --merge-only)") from None
+        if "file" not in row or "label" not in row:
+            raise DataError(f"{manifest} line {n} lacks 'file' or 'label'")
+        row["path"] = str(confine(set_dir, row["file"], what=f"{manifest} line {n}: file"))
+        rows.append(row)
+    return rows
+
+
+def image_set_rows(set_dir: str | os.PathLike, split: str = "train") -> list[dict]:
+    """An image set's rows in the data manifest's format (``id, path, index, label, class_name,
+    split``), for :class:`ImageDataset` / :func:`load_images`; ids are ``<set folder>/<file>``."""
+    set_dir = Path(set_dir)
+    tag = f"{set_dir.parent.name}/{set_dir.name}"
+    return [{"id": f"{tag}/{r['file']}", "path": r["path"], "index": -1, "label": int(r["label"]),
+             "class_name": r.get("class_name", ""), "split": split} for r in read_image_set(set_dir)]
+
+
 def read_excluded(out_dir: str | os.PathLike) -> list[dict]:
     """Rows of ``excluded.csv`` (path, reason, class_name)."""
     path = Path(out_dir)
@@ -688,7 +744,7 @@ def read_info(out_dir: str | os.PathLike) -> dict[str, Any]:
 
 __all__ = [
     "DATASETS", "DIGIT_NAMES", "EUROSAT_NAMES", "SPLITS", "DataError", "ImageDataset", "class_names",
-    "count_table", "digits_array", "load_images", "load_split", "open_image", "prepare_data",
-    "read_class_map", "read_excluded", "read_info", "read_manifest", "readable_name", "resize_center_crop",
-    "resolve_path", "scan", "scan_test_root", "split_rows", "write_manifest",
+    "count_table", "digits_array", "image_set_rows", "load_images", "load_split", "open_image", "prepare_data",
+    "read_class_map", "read_excluded", "read_image_set", "read_info", "read_manifest", "readable_name", "resize_center_crop",
+    "resolve_path", "scan", "scan_test_root", "split_rows", "write_image_set", "write_manifest",
 ]

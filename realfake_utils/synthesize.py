@@ -1,46 +1,58 @@
-"""Training-data synthesis (Real-Fake Sec. 3.2-3.3, Tables 2-3, Fig. 2): resumable, sharded, batched.
+"""Training-data synthesis (Real-Fake Sec. 3.2-3.3, Tables 1-3, Fig. 2): resumable, sharded, batched.
 
-A synthetic set is a folder ``artifacts/synthetic/<name>/k<k>/``::
+**Protocol** (Sec. 4.1, Apx. E): a set at scale ``k`` holds exactly ``k`` synthetic images per real
+**train** image (so k = 1 has the train split's size, per class as in the split; Sec. 4.1 "we synthesize
+training samples with the same number as the real training set"). With the latent prior (Sec. 3.3) each
+real train image is the img2img source of its ``k`` copies (rounds ``r < k``, one seed per round).
+
+**Table 2** has nine rows (:data:`ROWS`, the paper's order); a row name is the LoRA variant the row
+samples from plus ``-lp`` (latent prior, img2img) or ``-t2i`` (text-to-image), e.g. ``lora-dm-vg-lp`` =
+fine-tuned with the DM loss and visual guidance, latent prior on: the full method (the default row). The
+DM form a set uses is the one 02 trained (``lora-dmofficial-...`` for the official form): 03 reads which
+LoRA variants exist from 02's record, it has no ``dm_loss_form`` of its own. :func:`synthesize_rows` is
+03's whole work: every row at k = 1 for every synthesis seed, the default row at every ``k`` of
+``scale_k`` (first synthesis seed), each set marked complete (``rundir.mark_done``) when finished, and
+a :class:`SynthesisRecord` for the consumers (04, 05, 06, 07, 08, 09).
+
+A synthetic set is a folder ``artifacts/synthetic/<set name>/k<k>-s<synthesis seed>/``::
 
     synthesis.json            the spec: settings (everything that decides the pixels), k, batch size,
-                              the source manifest, captions; written once by :func:`prepare_set`
+                              the source manifest, captions (paths relative to the set folder)
     guidance.safetensors      the CLIP features used as visual guidance tokens (class means [C, D],
                               or per-source-image features)
     <class_name>/<file>.png   the images (ImageFolder layout)
-    manifest.jsonl            one JSON row per finished image (see :data:`MANIFEST_KEYS`)
+    manifest.jsonl            one JSON row per finished image (``data.write_image_set``)
+    DONE.json                 the completion marker (``rundir.mark_done``: every file's SHA-256)
 
-Sampling follows the official code (BAAI-DCAI/Training-Data-Synthesis, ``generate.py``): UniPC, 30 steps,
-guidance scale 2.0, LoRA scale 0.5, prompts ``photo of <class>, <caption>`` with the official negative
-prompt, img2img from a real training image of the same class at strength 0.75 (the *latent prior*,
-Sec. 3.3; txt2img when it is off) and the CLIP image feature written into the last token of the prompt
-embedding (*visual guidance*, Sec. 3.2).
+Sampling follows the official code (BAAI-DCAI/Training-Data-Synthesis, ``generate.py``; Table 6): UniPC,
+30 steps, guidance scale 2.0, LoRA scale 0.5, prompts ``photo of <class>, <caption>`` with the official
+negative prompt, img2img from the real train image at strength 0.75 (latent prior; txt2img when off) and
+the CLIP image feature as the visual guidance token (``features.guidance_prompt_embeds``: appended, the
+paper's Sec. 3.2, or written into the last position, the official code; the position is the one 02
+trained with, read from 02's record). The miniature presets take fewer sampler steps (a CPU shortcut
+documented in 03's parameters cell), never fewer images.
 
 Determinism. Every image is one *item* ``(source image, round)``; its seed is
-``stable_seed(seed, source_id, round)`` (SHA-256, not Python's salted ``hash``), and each item gets its
-own CPU ``torch.Generator``. Items are grouped into *batches* that never cross a round and are fixed by
-the spec alone (source order, ``batch_size``). A batch is the unit of work: shards take whole batches, a
-resumed run regenerates a batch that still misses a file (writing only the missing files), so an image
-is computed from exactly the same batch whatever the sharding or the interruption. Each PNG is written
-to a temporary name and renamed; the manifest is *derived* from the spec and the finished files
-(:func:`merge_set`) and rewritten atomically, so a run killed at any point resumes and skips exactly
-the finished images.
+``stable_seed(synthesis_seed, source_id, round)`` (SHA-256, not Python's salted ``hash``), and each item
+gets its own CPU ``torch.Generator``. Items are grouped into *batches* that never cross a round and are
+fixed by the spec alone (source order, ``batch_size``). A batch is the unit of work: shards take whole
+batches, a resumed run regenerates a batch that still misses a file (writing only the missing files), so
+an image is computed from exactly the same batch whatever the sharding or the interruption (a set at k = 5
+reuses the files of the same seed's k = 1 and k = 2 sets: same items, same batches, same bytes).
 
-Negative prompt embedding. The official generation code passes the guidance tokens to a modified
-diffusers pipeline that was never released (README: "TODO: Release Modified diffusers"), so what the
-negative branch of classifier-free guidance receives is not documented. Default here: the negative
-prompt embedding gets **no** guidance token (it is the plain encoded negative prompt, what stock
-diffusers builds from ``negative_prompt``); then the CFG difference ``eps(c, token) - eps(neg)`` carries
-the visual guidance. ``negative_guidance_token=True`` writes the same token into the negative too (the
-guidance then only steers the text direction). Both are recorded in the settings hash.
+Negative prompt embedding. The official generation code's modified diffusers pipeline was never released,
+so what the negative branch of classifier-free guidance receives is not documented. Default: the negative
+gets **no** guidance token (``guidance_prompt_embeds(neg, None, position)``: same length, no feature);
+``negative_guidance_token=True`` gives it the same token. Both are in the settings hash.
 
-Guidance feature. The official code uses each source image's own CLIP feature (``get_guidance_tokens_v2``
-loads ``<image>.pt``); the kit's default is the class-mean feature (``guidance_feature="class_mean"``),
-``"source"`` reproduces the official choice.
+Guidance feature at generation: ``class_mean`` (the paper's Sec. 3.2) or ``source`` (the official
+``get_guidance_tokens_v2``: each source image's own feature).
 
 Command line (independent processes or nodes; ``accelerate launch`` splits each shard further)::
 
-    python -m realfake_utils.synthesize --set-dir runs/digits/artifacts/synthetic/<name>/k1 \
+    python -m realfake_utils.synthesize --set-dir runs/digits/artifacts/synthetic/<name>/k1-s0 \\
         --num-shards 4 --shard-index 0
+    accelerate launch --num_processes 2 -m realfake_utils.synthesize --set-dir ...   # 2 processes
     python -m realfake_utils.synthesize --set-dir ... --merge-only      # after all shards finished
 """
 from __future__ import annotations
@@ -52,11 +64,15 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, ClassVar, Iterable, Mapping, Optional, Sequence
 
-from .rundir import atomic_path, confine, read_json, unit_finished, write_json
+from .data import image_set_rows, read_image_set, write_image_set
+from .finetune_config import parse_variant, variant_name
+from .records import Record
+from .rundir import (atomic_path, content_hash, file_sha256, is_done, mark_done, read_json, tree_sha256,
+                     unit_finished, write_json)
 
 SPEC = "synthesis.json"
 MANIFEST = "manifest.jsonl"
@@ -64,18 +80,57 @@ GUIDANCE = "guidance.safetensors"
 MANIFEST_KEYS = ("file", "label", "class_name", "source_id", "round", "seed", "prompt", "lora",
                  "settings_hash")
 SCALE_K = (1, 2, 5, 10)  # Table 3 / Fig. 2
-
-# Table 2 of the paper: each row a dict of switches (finetune = LoRA on, dm_loss = the LoRA variant
-# trained with the distribution-matching loss, visual_guidance = guidance token in training and sampling,
-# latent_prior = img2img from a real image).
-TABLE2_ROWS = (
-    {"finetune": False, "dm_loss": False, "visual_guidance": False, "latent_prior": False},
-    {"finetune": True, "dm_loss": False, "visual_guidance": False, "latent_prior": False},
-    {"finetune": True, "dm_loss": True, "visual_guidance": False, "latent_prior": False},
-    {"finetune": True, "dm_loss": True, "visual_guidance": True, "latent_prior": False},
-    {"finetune": True, "dm_loss": True, "visual_guidance": True, "latent_prior": True},
-)
 SWITCHES = ("finetune", "dm_loss", "visual_guidance", "latent_prior")
+# Table 2, rows 1-9 in the paper's order (ImageNette 79.8 ... 90.5): the vanilla base model; + fine-tune;
+# + VG; + DM; + VG + DM; latent prior alone; LP + VG + FT; LP + DM + FT; all three.
+ROWS = ("base-novg-t2i", "lora-nodm-novg-t2i", "lora-nodm-vg-t2i", "lora-dm-novg-t2i", "lora-dm-vg-t2i",
+        "base-novg-lp", "lora-nodm-vg-lp", "lora-dm-novg-lp", "lora-dm-vg-lp")
+DEFAULT_ROW = "lora-dm-vg-lp"   # "OURS" of Tables 1, 3, 4
+
+
+# --------------------------------------------------------------------------------------------- rows
+def row_switches(row: str | Mapping[str, Any]) -> dict[str, Any]:
+    """The Table 2 switches of a row name (``lora-dm-vg-lp`` -> finetune, dm_loss, visual_guidance,
+    latent_prior all on; ``dm_loss_form`` from the name, ``paper`` unless ``dmofficial``). A dict of
+    switches is checked and returned with its defaults filled in."""
+    if isinstance(row, Mapping):
+        unknown = set(row) - set(SWITCHES) - {"dm_loss_form"}
+        if unknown:
+            raise ValueError(f"unknown switches {sorted(unknown)} in a Table 2 row; switches: {SWITCHES}")
+        out = {k: bool(row.get(k, False)) for k in SWITCHES}
+        out["dm_loss_form"] = str(row.get("dm_loss_form", "paper"))
+        return out
+    variant, _, tail = str(row).rpartition("-")
+    if tail not in ("lp", "t2i") or not variant:
+        raise ValueError(f"not a Table 2 row name: {row!r} (expected <variant>-lp or <variant>-t2i, "
+                         f"e.g. one of {list(ROWS)})")
+    try:
+        v = parse_variant(variant)
+    except ValueError as err:
+        raise ValueError(f"not a Table 2 row name: {row!r} ({err})") from None
+    return {"finetune": v["finetune"], "dm_loss": v["dm_loss"], "visual_guidance": v["visual_guidance"],
+            "latent_prior": tail == "lp", "dm_loss_form": v["dm_loss_form"]}
+
+
+TABLE2_ROWS = {name: row_switches(name) for name in ROWS}
+
+
+def lora_variant(row: str | Mapping[str, Any], dm_loss_form: str | None = None) -> str:
+    """The LoRA variant a row samples from (``finetune.variant_name``): ``lora-dm-vg``, ...,
+    ``base-novg`` / ``base-vg`` for the vanilla base model. ``dm_loss_form`` overrides the row's."""
+    sw = row_switches(row)
+    return variant_name(sw["finetune"], sw["dm_loss"], sw["visual_guidance"],
+                        dm_loss_form or sw["dm_loss_form"])
+
+
+def set_name(row: str | Mapping[str, Any], dm_loss_form: str | None = None) -> str:
+    """Folder name of a row's sets: its LoRA variant plus ``-lp`` / ``-t2i`` (``lora-dmofficial-vg-lp``
+    when the DM variant was trained in the official form)."""
+    return f"{lora_variant(row, dm_loss_form)}-{'lp' if row_switches(row)['latent_prior'] else 't2i'}"
+
+
+def set_folder(synthetic_root: str | os.PathLike, name: str, k: int, synthesis_seed: int) -> Path:
+    return Path(synthetic_root) / name / f"k{int(k)}-s{int(synthesis_seed)}"
 
 
 # --------------------------------------------------------------------------------------------- settings
@@ -92,39 +147,24 @@ class SynthesisSettings:
     strength: float = 0.75
     visual_guidance: bool = True
     guidance_feature: str = "class_mean"   # "class_mean" | "source" (official code)
+    guidance_token_position: str = "replace_last"   # as 02 trained: "append" (paper) | "replace_last"
     negative_guidance_token: bool = False
     num_inference_steps: int = 30
     guidance_scale: float = 2.0
     image_size: int = 512
     scheduler: str = "unipc"
     use_captions: bool = True
-    seed: int = 0
+    seed: int = 0                   # the synthesis seed
     dtype: str = "float32"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def _sha256_file(path: Path, limit: int = 256 << 20) -> str:
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    h.update(str(size).encode())
-    with open(path, "rb") as f:
-        h.update(f.read(limit))  # weights of a tiny model are read whole; huge files: the first 256 MiB
-    return h.hexdigest()
-
-
 def _model_digest(model: str) -> str:
-    """The id string for a hub id; for a local folder a digest of its UNet/VAE/text-encoder weights."""
+    """The id string for a hub id; for a local folder the content hash of its files."""
     p = Path(model)
-    if not p.exists():
-        return model
-    h = hashlib.sha256()
-    for f in sorted(p.rglob("*")):
-        if f.is_file() and f.suffix in (".safetensors", ".bin", ".json", ".txt"):
-            h.update(str(f.relative_to(p)).encode())
-            h.update(_sha256_file(f, limit=64 << 20).encode())
-    return h.hexdigest()
+    return tree_sha256(p) if p.is_dir() else model
 
 
 def lora_file(lora_dir: str | os.PathLike) -> Path:
@@ -132,19 +172,20 @@ def lora_file(lora_dir: str | os.PathLike) -> Path:
 
 
 def settings_hash(settings: SynthesisSettings, guidance_digest: str = "") -> str:
-    """A 12-hex digest of the settings, the base model's and LoRA's weights and the guidance features."""
+    """A 12-hex digest of the settings, the base model's and LoRA's bytes and the guidance features
+    (content, never paths: a moved run folder keeps its sets)."""
     d = settings.to_dict()
     d["base_model"] = _model_digest(settings.base_model)
     d.pop("lora_name")
-    d["lora_dir"] = _sha256_file(lora_file(settings.lora_dir)) if settings.lora_dir else ""
+    d["lora_dir"] = file_sha256(lora_file(settings.lora_dir)) if settings.lora_dir else ""
     d["guidance"] = guidance_digest if settings.visual_guidance else ""
     if not settings.latent_prior:
         d.pop("strength")
     if not settings.lora_dir:
         d.pop("lora_scale"), d.pop("fuse_lora")
     if not settings.visual_guidance:
-        d.pop("guidance_feature"), d.pop("negative_guidance_token")
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+        d.pop("guidance_feature"), d.pop("negative_guidance_token"), d.pop("guidance_token_position")
+    return content_hash(d, 12)
 
 
 def stable_seed(seed: int, source_id: str, round_: int) -> int:
@@ -153,33 +194,15 @@ def stable_seed(seed: int, source_id: str, round_: int) -> int:
     return int.from_bytes(digest[:8], "big") % (2**63 - 1)
 
 
-def lora_variant(row: dict[str, bool], dm_loss_form: str = "paper") -> str:
-    """The LoRA variant a Table 2 row samples from (``finetune.variant_name``): ``lora-dm-vg``, ...,
-    ``base-novg`` / ``base-vg`` for the vanilla base model."""
-    from .finetune import variant_name
-
-    unknown = set(row) - set(SWITCHES)
-    if unknown:
-        raise ValueError(f"unknown switches {sorted(unknown)} in a Table 2 row; switches: {SWITCHES}")
-    return variant_name(bool(row.get("finetune")), bool(row.get("dm_loss")),
-                        bool(row.get("visual_guidance")), dm_loss_form)
-
-
-def set_name(row: dict[str, bool], dm_loss_form: str = "paper") -> str:
-    """Folder name of a Table 2 row: its LoRA variant plus ``-lp`` (latent prior) or ``-t2i``,
-    e.g. ``lora-dm-vg-lp`` (the full method) or ``base-novg-t2i`` (vanilla base model)."""
-    return f"{lora_variant(row, dm_loss_form)}-{'lp' if row.get('latent_prior') else 't2i'}"
-
-
-def row_settings(row: dict[str, bool], base_model: str, lora_root: str | os.PathLike = "",
-                 dm_loss_form: str = "paper", **common: Any) -> SynthesisSettings:
-    """Settings of one Table 2 row: LoRA folder ``<lora_root>/<variant>`` when ``finetune``."""
-    variant = lora_variant(row, dm_loss_form)
-    lora_dir = str(Path(lora_root) / variant) if row.get("finetune") else ""
-    return SynthesisSettings(base_model=str(base_model), lora_dir=lora_dir,
-                             lora_name=variant if row.get("finetune") else "none",
-                             latent_prior=bool(row.get("latent_prior")),
-                             visual_guidance=bool(row.get("visual_guidance")), **common)
+def row_settings(row: str | Mapping[str, Any], base_model: str, lora_dir: str | os.PathLike = "",
+                 **common: Any) -> SynthesisSettings:
+    """Settings of one Table 2 row; ``lora_dir``: the trained variant's folder when the row fine-tunes."""
+    sw = row_switches(row)
+    if sw["finetune"] and not lora_dir:
+        raise ValueError(f"row {row!r} fine-tunes: give lora_dir (the folder of variant {lora_variant(sw)})")
+    return SynthesisSettings(base_model=str(base_model), lora_dir=str(lora_dir) if sw["finetune"] else "",
+                             lora_name=Path(lora_dir).name if sw["finetune"] else "none",
+                             latent_prior=sw["latent_prior"], visual_guidance=sw["visual_guidance"], **common)
 
 
 # ------------------------------------------------------------------------------------------------ plan
@@ -213,18 +236,10 @@ def _safe_dir(class_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", class_name).strip(".") or "class"
 
 
-def select_sources(rows: Sequence[dict], per_class: int = 0) -> list[dict]:
-    """Train rows in manifest order; ``per_class > 0`` keeps the first ``per_class`` of each class."""
-    out, seen = [], {}
-    for r in rows:
-        if r.get("split", "train") != "train":
-            continue
-        n = seen.get(r["label"], 0)
-        if per_class and n >= per_class:
-            continue
-        seen[r["label"]] = n + 1
-        out.append(r)
-    return out
+def select_sources(rows: Sequence[dict]) -> list[dict]:
+    """Every train row, in manifest order: the sources of a set (one synthetic image per real train
+    image and round, so k = 1 has the train split's size, per class as in the split; Sec. 4.1)."""
+    return [r for r in rows if r.get("split", "train") == "train"]
 
 
 def plan_items(sources: Sequence[dict], k: int, seed: int, captions: dict[str, str] | None = None,
@@ -265,7 +280,7 @@ def shard_batches(batches: Sequence[list[Item]], num_shards: int, shard_index: i
 def prepare_set(set_dir: str | os.PathLike, settings: SynthesisSettings, k: int, *,
                 source_manifest: str | os.PathLike, guidance_features: "Any" = None,
                 guidance_ids: Sequence[str] | None = None, captions: str | os.PathLike = "",
-                batch_size: int = 16, per_class: int = 0) -> dict[str, Any]:
+                batch_size: int = 16) -> dict[str, Any]:
     """Write (or check) the spec of a set; returns it.
 
     ``guidance_features``: [C, D] class means (``guidance_feature="class_mean"``) or [N, D] features of
@@ -292,10 +307,13 @@ def prepare_set(set_dir: str | os.PathLike, settings: SynthesisSettings, k: int,
         with atomic_path(set_dir / GUIDANCE) as tmp:
             save_file({"features": feats}, str(tmp), metadata=meta)
     shash = settings_hash(settings, gdigest)
-    spec = {"settings": settings.to_dict(), "settings_hash": shash, "k": int(k),
-            "batch_size": int(batch_size), "per_class": int(per_class),
-            "source_manifest": str(Path(source_manifest).resolve()),
-            "captions": str(Path(captions).resolve()) if captions else ""}
+    if int(k) < 1:
+        raise ValueError(f"k must be >= 1 (synthetic images per real train image), got {k}")
+    stored = settings.to_dict()
+    stored.update(base_model=_portable(set_dir, settings.base_model), lora_dir=_portable(set_dir, settings.lora_dir))
+    spec = {"settings": stored, "settings_hash": shash, "k": int(k), "batch_size": int(batch_size),
+            "source_manifest": _portable(set_dir, source_manifest),
+            "captions": _portable(set_dir, captions) if captions else ""}
     path = set_dir / SPEC
     if path.exists():
         old = read_json(path)
@@ -303,26 +321,51 @@ def prepare_set(set_dir: str | os.PathLike, settings: SynthesisSettings, k: int,
             raise ValueError(
                 f"{set_dir} holds a set made with other settings (hash {old.get('settings_hash')} != {shash}); "
                 "delete the folder or choose another name")
-        if (old.get("k"), old.get("batch_size"), old.get("per_class")) != (spec["k"], spec["batch_size"], spec["per_class"]):
-            raise ValueError(f"{set_dir}: k / batch_size / per_class differ from the existing spec {path}; "
+        if (old.get("k"), old.get("batch_size")) != (spec["k"], spec["batch_size"]):
+            raise ValueError(f"{set_dir}: k / batch_size differ from the existing spec {path}; "
                              "delete the folder to change them")
     write_json(path, spec)
     return spec
 
 
+def _portable(set_dir: Path, path: str | os.PathLike) -> str:
+    """A local path as stored in a spec: relative to the set folder (a moved or copied run folder keeps
+    working); hub ids and "" unchanged."""
+    p = str(path)
+    if not p or not Path(p).exists():
+        return p
+    return os.path.relpath(Path(p).resolve(), Path(set_dir).resolve())
+
+
+def _resolve(set_dir: Path, stored: str) -> str:
+    """Inverse of :func:`_portable`."""
+    if not stored or os.path.isabs(stored):
+        return stored
+    p = (Path(set_dir) / stored)
+    return str(p.resolve()) if p.exists() else stored
+
+
 def load_spec(set_dir: str | os.PathLike) -> dict[str, Any]:
-    path = Path(set_dir) / SPEC
+    """The spec of a set with its paths resolved (absolute on this machine)."""
+    set_dir = Path(set_dir)
+    path = set_dir / SPEC
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: prepare the set first (prepare_set / notebook 03)")
-    return read_json(path)
+    spec = read_json(path)
+    spec["settings"].update(base_model=_resolve(set_dir, spec["settings"]["base_model"]),
+                            lora_dir=_resolve(set_dir, spec["settings"]["lora_dir"]))
+    spec["source_manifest_path"] = _resolve(set_dir, spec["source_manifest"])
+    spec["captions_path"] = _resolve(set_dir, spec.get("captions", ""))
+    return spec
 
 
 def _plan_from_spec(spec: dict[str, Any]) -> tuple[list[dict], list[Item]]:
     from .data import read_manifest
 
     st = spec["settings"]
-    sources = select_sources(read_manifest(spec["source_manifest"]), spec.get("per_class", 0))
-    captions = read_json(spec["captions"]) if spec.get("captions") and Path(spec["captions"]).exists() else {}
+    sources = select_sources(read_manifest(spec["source_manifest_path"]))
+    cap = spec.get("captions_path", "")
+    captions = read_json(cap) if cap and Path(cap).exists() else {}
     return sources, plan_items(sources, spec["k"], st["seed"], captions, st.get("use_captions", True))
 
 
@@ -333,17 +376,9 @@ def plan_set(set_dir: str | os.PathLike) -> list[Item]:
 
 # ------------------------------------------------------------------------------------------- manifest
 def read_synthetic_manifest(set_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of ``manifest.jsonl`` (a truncated last line, which an atomic writer never leaves, is skipped)."""
-    path = Path(set_dir) / MANIFEST
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-    return rows
+    """Rows of a set's ``manifest.jsonl`` (``data.read_image_set``: ``path`` confined to the set);
+    ``[]`` before the first merge."""
+    return read_image_set(set_dir, missing_ok=True)
 
 
 def merge_set(set_dir: str | os.PathLike, items: Sequence[Item] | None = None) -> list[dict[str, Any]]:
@@ -354,9 +389,7 @@ def merge_set(set_dir: str | os.PathLike, items: Sequence[Item] | None = None) -
     items = plan_set(set_dir) if items is None else items
     lora, shash = spec["settings"]["lora_name"], spec["settings_hash"]
     rows = [it.manifest_row(lora, shash) for it in items if (set_dir / it.file).exists()]
-    with atomic_path(set_dir / MANIFEST) as tmp:
-        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-        os.chmod(tmp, 0o644)
+    write_image_set(set_dir, rows)
     return rows
 
 
@@ -368,14 +401,7 @@ def set_status(set_dir: str | os.PathLike) -> dict[str, Any]:
     return {"planned": len(items), "finished": finished, "complete": finished == len(items)}
 
 
-def synthetic_rows(set_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Manifest rows in the data manifest's format (id, path, index, label, class_name, split="train"),
-    for ``data.ImageDataset`` / ``data.load_images``."""
-    set_dir = Path(set_dir).resolve()
-    what = f"{set_dir / MANIFEST}: file"   # entries stay inside the set (no ../, no absolute paths)
-    return [{"id": f"syn/{r['file']}", "path": str(confine(set_dir, str(r["file"]), what)), "index": -1,
-             "label": int(r["label"]), "class_name": r["class_name"], "split": "train"}
-            for r in read_synthetic_manifest(set_dir)]
+synthetic_rows = image_set_rows   # a set's rows in the data manifest's format (data.image_set_rows)
 
 
 def _clean_tmp(set_dir: Path, names: set[str]) -> int:
@@ -399,8 +425,8 @@ def _sibling_sources(set_dir: Path, spec: dict[str, Any]) -> list[Path]:
             o = read_json(other)
         except (OSError, json.JSONDecodeError):
             continue
-        if all(o.get(key) == spec.get(key) for key in ("settings_hash", "batch_size", "per_class",
-                                                        "source_manifest", "captions")):
+        if all(o.get(key) == spec.get(key) for key in ("settings_hash", "batch_size", "source_manifest",
+                                                        "captions")):
             out.append(other.parent)
     return out
 
@@ -459,18 +485,18 @@ def generate_batch(pipe, batch: Sequence[Item], settings: SynthesisSettings | di
     [B, D] CLIP features for the guidance tokens."""
     import torch
 
-    from .features import NEGATIVE_PROMPT, guidance_token
+    from .features import NEGATIVE_PROMPT, guidance_prompt_embeds
 
     st = settings if isinstance(settings, SynthesisSettings) else SynthesisSettings(**settings)
     device, dtype = pipe.unet.device, pipe.unet.dtype
     scale = getattr(pipe, "_realfake_lora_scale", None)
     pe = _encode(pipe, [it.prompt for it in batch], scale)
     ne = _encode(pipe, [NEGATIVE_PROMPT] * len(batch), scale)
-    if st.visual_guidance:
+    if st.visual_guidance:  # Sec. 3.2: the token enters as 02 trained it (append | replace_last)
         g = torch.as_tensor(guidance).to(device=pe.device, dtype=pe.dtype)
-        pe = guidance_token(pe, g)
-        if st.negative_guidance_token:
-            ne = guidance_token(ne, g)
+        pos = st.guidance_token_position
+        pe = guidance_prompt_embeds(pe, g, pos)
+        ne = guidance_prompt_embeds(ne, g if st.negative_guidance_token else None, pos)
     gens = [torch.Generator("cpu").manual_seed(it.seed) for it in batch]
     kw = dict(prompt_embeds=pe.to(device, dtype), negative_prompt_embeds=ne.to(device, dtype),
               num_inference_steps=st.num_inference_steps, guidance_scale=st.guidance_scale,
@@ -571,7 +597,6 @@ def run_set(set_dir: str | os.PathLike, *, num_shards: int = 1, shard_index: int
                    + (f" shard {shard_index}/{num_shards}" if num_shards > 1 else ""),
                    disable=not progress, smoothing=0.1)
         t0 = time.time()
-        delay = float(os.environ.get("REALFAKE_SYNTH_BATCH_DELAY_S", "0") or 0)  # tests: widen the kill window
         for batch in todo:
             init = load_images([sources[it.source_pos] for it in batch], st.image_size) if load_images else None
             g = guidance(batch) if guidance else None
@@ -586,8 +611,6 @@ def run_set(set_dir: str | os.PathLike, *, num_shards: int = 1, shard_index: int
                 generated += 1
                 bar.update(1)
                 unit_finished("image")  # tests: REALFAKE_KILL_AFTER_UNITS=image:<n> stops here
-            if delay:
-                time.sleep(delay)
             if time.time() - t_merge > merge_every_s:
                 merge_set(set_dir, items)
                 t_merge = time.time()
@@ -595,7 +618,14 @@ def run_set(set_dir: str | os.PathLike, *, num_shards: int = 1, shard_index: int
     seconds = time.time() - t0
     if state is not None:
         state.wait_for_everyone()  # then one process writes the manifest of all of them
-    rows = merge_set(set_dir, items) if state is None or state.is_main_process else read_synthetic_manifest(set_dir)
+    main_proc = state is None or state.is_main_process
+    rows = merge_set(set_dir, items) if main_proc else read_synthetic_manifest(set_dir)
+    if main_proc and len(rows) == len(items) and not is_done(set_dir, _set_key(spec)):
+        mark_done(set_dir, _set_key(spec), [MANIFEST] + [r["file"] for r in rows],
+                  info={"size": len(rows), "k": spec["k"], "n_real_train": len(sources),
+                        "settings_hash": spec["settings_hash"]})   # the completion marker 04 trusts
+    if state is not None:
+        state.wait_for_everyone()
     res = {"set": str(set_dir), "settings_hash": spec["settings_hash"], "k": spec["k"],
            "planned": len(items), "shard_items": len(mine), "already_done": done_before,
            "linked": linked, "generated": generated, "finished": len(rows),
@@ -610,14 +640,433 @@ def run_set(set_dir: str | os.PathLike, *, num_shards: int = 1, shard_index: int
 
 def synthesize(set_dir: str | os.PathLike, settings: SynthesisSettings, k: int, *,
                source_manifest: str | os.PathLike, guidance_features=None, guidance_ids=None,
-               captions: str | os.PathLike = "", batch_size: int = 16, per_class: int = 0,
+               captions: str | os.PathLike = "", batch_size: int = 16,
                num_shards: int = 1, shard_index: int = 0, device: str = "auto", pipe=None,
                progress: bool = True) -> dict[str, Any]:
     """:func:`prepare_set` then :func:`run_set` (the notebook's one call per set)."""
     prepare_set(set_dir, settings, k, source_manifest=source_manifest, guidance_features=guidance_features,
-                guidance_ids=guidance_ids, captions=captions, batch_size=batch_size, per_class=per_class)
+                guidance_ids=guidance_ids, captions=captions, batch_size=batch_size)
     return run_set(set_dir, num_shards=num_shards, shard_index=shard_index, device=device, pipe=pipe,
                    progress=progress)
+
+
+# ------------------------------------------------------------------------------------------ the record
+@dataclass
+class SyntheticSet:
+    """One finished (or skipped-incomplete) synthetic set of 03."""
+
+    name: str                  # set name: LoRA variant + -lp / -t2i (e.g. lora-dm-vg-lp, lora-dmofficial-vg-lp)
+    table2_row: str            # the Table 2 row it realises (ROWS), e.g. lora-dm-vg-lp
+    row: dict[str, Any]        # the row's switches: finetune, dm_loss, visual_guidance, latent_prior, dm_loss_form
+    variant: str               # the LoRA variant sampled from (base-novg: the vanilla base model)
+    k: int                     # synthetic images per real train image
+    synthesis_seed: int
+    size: int                  # images in the set (= k x n_real_train when complete)
+    n_real_train: int
+    path: str                  # the set folder, relative to the run folder
+    complete: bool             # rundir.mark_done written by synthesis (is_done verifies every file)
+    settings_hash: str = ""
+    generated: int = 0         # images generated by this run (0 when read back)
+    linked: int = 0            # images taken from a sibling set of the same seed (smaller k)
+    seconds: float = 0.0
+
+    @property
+    def id(self) -> str:
+        """``<name>/k<k>-s<seed>``: unique within a run."""
+        return f"{self.name}/k{self.k}-s{self.synthesis_seed}"
+
+
+@dataclass
+class SynthesisRecord(Record):
+    """Results of 03 (``results/03_synthesize.json``): which sets exist, for 04-09."""
+
+    STEP: ClassVar[str] = "03_synthesize"
+
+    sets: list[SyntheticSet]
+    default_row: str
+    rows: list[str]
+    scale_k: list[int]
+    synthesis_seeds: list[int]
+    n_real_train: int
+    skipped: list[str] = field(default_factory=list)     # rows that could not run, with the reason
+    mmd2_to_real_train: dict[str, float] = field(default_factory=dict)   # set id -> MMD^2 (CLIP space)
+    mmd_bandwidth: float = 0.0
+    images_generated: int = 0
+    images_per_s: float = 0.0
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def find(self, row: str, k: int = 1, synthesis_seed: Optional[int] = None) -> Optional[SyntheticSet]:
+        """The complete set of Table 2 row (or set name) ``row`` at ``k`` (first synthesis seed unless
+        given), or None."""
+        for s in self.sets:
+            if (row in (s.table2_row, s.name) and s.k == int(k) and s.complete
+                    and (synthesis_seed is None or s.synthesis_seed == int(synthesis_seed))):
+                return s
+        return None
+
+    def of_row(self, row: str, k: int = 1) -> list[SyntheticSet]:
+        """Every complete set of ``row`` at ``k``, one per synthesis seed (in seed order)."""
+        return sorted((s for s in self.sets if row in (s.table2_row, s.name) and s.k == int(k) and s.complete),
+                      key=lambda s: s.synthesis_seed)
+
+    def default(self, k: int = 1) -> SyntheticSet:
+        """The default row's set at ``k`` (first synthesis seed); a clear error when it was not made."""
+        s = self.find(self.default_row, k)
+        if s is None:
+            raise LookupError(f"03_synthesize made no complete set of the default row {self.default_row} at "
+                              f"k={k}; skipped: {self.skipped or 'none'}")
+        return s
+
+    def set_named(self, name: str, k: int = 1) -> SyntheticSet:
+        s = self.find(name, k)
+        if s is None:
+            raise LookupError(f"no complete synthetic set {name!r} at k={k} in 03's record; sets: "
+                              f"{sorted({x.name for x in self.sets})}")
+        return s
+
+    def scale_sets(self) -> list[SyntheticSet]:
+        """The default row's sets of the first synthesis seed at every k (Table 3 / Fig. 2)."""
+        seed0 = self.synthesis_seeds[0] if self.synthesis_seeds else 0
+        return sorted((s for s in self.sets if s.table2_row == self.default_row and s.complete
+                       and s.synthesis_seed == seed0), key=lambda s: s.k)
+
+
+# ------------------------------------------------------------------------------------------ the config
+@dataclass
+class SynthesisConfig:
+    """03's configuration, built from its parameters by :meth:`from_params` (every field is a parameter
+    of 03's parameters cell, which holds the one default; presets override it)."""
+
+    rows: list[str]
+    default_row: str
+    scale_k: list[int]
+    synthesis_seeds: list[int]
+    base_model: str
+    clip_model: str
+    image_size: int
+    lora_scale: float
+    num_inference_steps: int
+    guidance_scale: float
+    latent_prior_strength: float
+    guidance_feature: str
+    negative_guidance_token: bool
+    batch_size: int
+    dtype: str
+    device: str
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> "SynthesisConfig":
+        """From 03's parameters (e.g. the notebook's ``globals()``); a missing key names itself."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise KeyError(f"SynthesisConfig.from_params: parameters {missing} missing (03_synthesize's "
+                           "parameters cell defines them all)")
+        cfg = cls(**{n: params[n] for n in names})
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        for r in list(self.rows) + [self.default_row]:
+            row_switches(r)
+        if not self.synthesis_seeds:
+            raise ValueError("synthesis_seeds is empty: give at least one seed (digits: [0, 1])")
+        if any(int(k) < 1 for k in self.scale_k):
+            raise ValueError(f"scale_k {self.scale_k}: every k must be >= 1")
+        if self.guidance_feature not in ("class_mean", "source"):
+            raise ValueError(f"guidance_feature must be 'class_mean' or 'source', got {self.guidance_feature!r}")
+
+    def jobs(self) -> list[tuple[str, int, int]]:
+        """(row, k, synthesis seed) of every set, in order: each row at k = 1 for every synthesis seed,
+        then the default row at each other k of ``scale_k`` with the first seed (Table 3 / Fig. 2)."""
+        out = [(r, 1, int(s)) for r in dict.fromkeys(list(self.rows) + [self.default_row])
+               for s in self.synthesis_seeds]
+        out += [(self.default_row, int(k), int(self.synthesis_seeds[0])) for k in self.scale_k if int(k) != 1]
+        return list(dict.fromkeys(out))
+
+
+def trained_variants(run: Any) -> dict[str, dict[str, Any]]:
+    """The LoRA variants 02 trained: ``{variant: {"dir": Path, "guidance_token_position": str}}``, from
+    02's record (``finetune.FinetuneRecord``) or, without one, the finished folders
+    ``artifacts/lora/<variant>/`` (weights + ``train_config.json``)."""
+    root = Path(getattr(run, "root", run))
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        from .finetune import FinetuneRecord
+    except ImportError:
+        FinetuneRecord = None
+    if FinetuneRecord is not None and FinetuneRecord.exists(root):
+        rec = FinetuneRecord.load(root)
+        recorded = getattr(rec, "variants", [])   # FinetuneRecord.variants: {name: VariantResult}
+        for v in (recorded.values() if isinstance(recorded, dict) else recorded):
+            name = getattr(v, "variant", "") or getattr(v, "name", "")
+            rel = getattr(v, "path", "") or getattr(v, "folder", "") or getattr(v, "lora_dir", "")
+            cfg = getattr(v, "config", None) or (rec.config_of(name) if hasattr(rec, "config_of") else {})
+            folder = root / rel if rel and not os.path.isabs(rel) else Path(rel or root / "artifacts" / "lora" / name)
+            if lora_file(folder).exists():
+                out[name] = {"dir": folder,
+                             "guidance_token_position": dict(cfg).get("guidance_token_position", "replace_last")}
+        if out:
+            return out
+    for tc in sorted((root / "artifacts" / "lora").glob("*/train_config.json")):
+        if lora_file(tc.parent).exists():
+            cfg = read_json(tc).get("config", {})
+            out[tc.parent.name] = {"dir": tc.parent,
+                                   "guidance_token_position": cfg.get("guidance_token_position", "replace_last")}
+    return out
+
+
+def _pick_variant(row: str, variants: Mapping[str, Any]) -> Optional[str]:
+    """The trained variant a row samples from: its paper-form name, else the official-form one."""
+    sw = row_switches(row)
+    if not sw["finetune"]:
+        return lora_variant(sw)
+    for form in ("paper", "official"):
+        v = lora_variant(sw, form)
+        if v in variants:
+            return v
+    return None
+
+
+def _model_paths(run: Any, base_model: str = "", clip_model: str = "") -> tuple[str, str]:
+    """``base_model`` / ``clip_model`` or the run folder's miniature models (checked to exist)."""
+    art = Path(run.root) / "artifacts"
+    base = base_model or str(art / "miniature" / "base")
+    clip = clip_model or str(art / "miniature" / "clip")
+    for what, path, param in (("base model", base, "base_model"), ("CLIP model", clip, "clip_model")):
+        local = path.startswith(("/", ".")) or not (path.count("/") == 1)
+        if local and not Path(path).exists():
+            raise FileNotFoundError(f"no {what} at {path}: run 01_prepare first (it builds the miniature models "
+                                    f"of this run folder) or set the parameter {param}")
+    return base, clip
+
+
+def _dtype(cfg: SynthesisConfig) -> str:
+    from .models import resolve_device
+
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    return "float16" if resolve_device(cfg.device).type == "cuda" else "float32"
+
+
+def _train_features(run: Any, clip: str, image_size: int, device: str):
+    """(train rows, CLIP features [N, D], class means [C, D]) from the feature cache shared with 02."""
+    from . import data, features
+
+    art = Path(run.root) / "artifacts"
+    rows = data.read_manifest(art / "data" / "manifest.csv")
+    train = [r for r in rows if r["split"] == "train"]
+    if not train:
+        raise ValueError(f"{art / 'data' / 'manifest.csv'} has no train rows: rerun 01_prepare")
+    feats = features.extract_clip_features(clip, data.load_images(train, image_size), [r["id"] for r in train],
+                                           art / "features" / "clip_image.safetensors", device=device,
+                                           progress=False).float()
+    means = features.class_mean_features(feats, [r["label"] for r in train], len(data.class_names(rows)))
+    return train, feats, means
+
+
+def _set_key(spec: Mapping[str, Any]) -> str:
+    return content_hash({"settings_hash": spec["settings_hash"], "k": spec["k"],
+                         "batch_size": spec["batch_size"]})
+
+
+def is_complete(set_dir: str | os.PathLike) -> bool:
+    """Whether a set's completion marker (written by :func:`run_set` when its last image landed) is
+    there and every file it lists still has its bytes (``rundir.is_done``)."""
+    set_dir = Path(set_dir)
+    if not (set_dir / SPEC).exists():
+        return False
+    return is_done(set_dir, _set_key(load_spec(set_dir)))
+
+
+def synthesize_rows(run: Any, cfg: SynthesisConfig, progress: bool = True, mmd: bool = True) -> SynthesisRecord:
+    """03's whole work (Tables 1-3, Fig. 2): every set of :meth:`SynthesisConfig.jobs`, resumable.
+
+    For each (row, k, synthesis seed): the row's LoRA variant as 02 trained it (from 02's record; a row
+    whose variant was not trained is *skipped* with the reason, e.g. smoke trains one variant), the
+    guidance token position 02 trained with, the real train split as sources (k images per real train
+    image), the set prepared, generated (finished images skipped; k > 1 reuses the same seed's smaller
+    sets) and marked complete. Then, with ``mmd``, each set's MMD^2 to the real train set in CLIP space
+    (Gaussian kernel, median-heuristic bandwidth on the real features). Returns the record (not saved:
+    the notebook saves it).
+    """
+    from . import losses
+
+    art = Path(run.root) / "artifacts"
+    base, clip = _model_paths(run, cfg.base_model, cfg.clip_model)
+    train, feats, means = _train_features(run, clip, cfg.image_size, cfg.device)
+    variants = trained_variants(run)
+    captions = art / "captions.json"
+    common = dict(lora_scale=cfg.lora_scale, strength=cfg.latent_prior_strength,
+                  guidance_feature=cfg.guidance_feature, negative_guidance_token=cfg.negative_guidance_token,
+                  num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                  image_size=cfg.image_size, dtype=_dtype(cfg))
+    sets, skipped, pipes = [], [], {}
+    t_all = time.time()
+    for row, k, seed in cfg.jobs():
+        variant = _pick_variant(row, variants)
+        if variant is None:
+            msg = (f"{row}: its LoRA variant {lora_variant(row)} was not trained by 02_finetune (trained: "
+                   f"{sorted(variants) or 'none'}); add it to 02's parameter variants and rerun 02")
+            if msg not in skipped:
+                print("SKIPPED", msg)
+                skipped.append(msg)
+            continue
+        sw = row_switches(row)
+        sw["dm_loss_form"] = parse_variant(variant)["dm_loss_form"] if sw["finetune"] else "paper"
+        vinfo = variants.get(variant, {})
+        st = SynthesisSettings(base_model=base, lora_dir=str(vinfo.get("dir", "")) if sw["finetune"] else "",
+                               lora_name=variant if sw["finetune"] else "none",
+                               latent_prior=sw["latent_prior"], visual_guidance=sw["visual_guidance"],
+                               guidance_token_position=vinfo.get("guidance_token_position", "replace_last"),
+                               seed=seed, **common)
+        name = set_name(sw)
+        set_dir = set_folder(art / "synthetic", name, k, seed)
+        spec = prepare_set(set_dir, st, k, source_manifest=art / "data" / "manifest.csv",
+                           guidance_features=feats if cfg.guidance_feature == "source" else means,
+                           guidance_ids=[r["id"] for r in train] if cfg.guidance_feature == "source" else None,
+                           captions=captions if captions.exists() else "", batch_size=cfg.batch_size)
+        res = {"generated": 0, "linked": 0, "seconds": 0.0}
+        if not is_done(set_dir, _set_key(spec)):
+            pkey = (st.lora_dir, st.latent_prior, st.lora_scale, st.dtype)
+            if pkey not in pipes:
+                pipes.clear()   # one pipeline in memory at a time
+                pipes[pkey] = load_synthesis_pipeline(st, cfg.device)
+            res = run_set(set_dir, device=cfg.device, pipe=pipes[pkey], progress=progress)
+        complete = is_done(set_dir, _set_key(spec))
+        size = len(read_synthetic_manifest(set_dir))
+        sets.append(SyntheticSet(name=name, table2_row=row, row=sw, variant=variant, k=k, synthesis_seed=seed,
+                                 size=size, n_real_train=len(train), path=Record.rel(run, set_dir),
+                                 complete=complete, settings_hash=spec["settings_hash"],
+                                 generated=res["generated"], linked=res["linked"], seconds=res["seconds"]))
+        if progress:
+            print(f"{sets[-1].id}: {size} images ({k} x {len(train)} train), {res['generated']} generated, "
+                  f"{res['linked']} reused, complete={complete}", flush=True)
+    gen = sum(s.generated for s in sets)
+    secs = sum(s.seconds for s in sets if s.generated)
+    rec = SynthesisRecord(sets=sets, default_row=cfg.default_row, rows=list(cfg.rows), scale_k=list(cfg.scale_k),
+                          synthesis_seeds=list(cfg.synthesis_seeds), n_real_train=len(train), skipped=skipped,
+                          images_generated=gen, images_per_s=round(gen / secs, 2) if secs else 0.0,
+                          settings={**common, "base_model": Record.rel(run, base), "batch_size": cfg.batch_size,
+                                    "seconds": round(time.time() - t_all, 1)})
+    if mmd:
+        bw = losses.median_bandwidth(feats)
+        rec.mmd_bandwidth = float(bw)
+        for s in sets:
+            if s.complete:
+                rec.mmd2_to_real_train[s.id] = float(losses.mmd2(feats, set_features(run, s, clip, cfg.device),
+                                                                 bandwidth=bw))
+    return rec
+
+
+def set_features(run: Any, s: SyntheticSet, clip: str = "", device: str = "auto"):
+    """CLIP image features [N, D] of a set's images (cached in the set folder)."""
+    from . import data, features
+
+    d = Path(run.root) / s.path
+    rows = image_set_rows(d)
+    spec = load_spec(d)
+    clip = clip or str(Path(run.root) / "artifacts" / "miniature" / "clip")
+    return features.extract_clip_features(clip, data.load_images(rows, spec["settings"]["image_size"]),
+                                          [r["id"] for r in rows], d / "clip_features.safetensors",
+                                          device=device, progress=False).float()
+
+
+# ------------------------------------------------------------------------ 06: a set made like 03's
+def member_settings(run: Any, name: str, lora_dir: str = "") -> SynthesisSettings:
+    """The settings 03 made set ``name`` (k = 1, first synthesis seed) with, ``lora_dir`` swapped in
+    (06 synthesises from its member LoRA exactly as 03 did from 02's)."""
+    s = SynthesisRecord.load(run).set_named(name)
+    st = SynthesisSettings(**load_spec(Path(run.root) / s.path)["settings"])
+    if lora_dir or st.lora_dir:
+        st = dataclasses.replace(st, lora_dir=str(lora_dir))
+    return st
+
+
+def synthesize_members(run: Any, set_dir: str | os.PathLike, settings: SynthesisSettings,
+                       source_manifest: str | os.PathLike, train_set: Any, device: str = "auto",
+                       batch_size: int = 0) -> dict[str, Any]:
+    """One synthetic image per row of ``source_manifest``'s train split (k = 1) with ``settings``;
+    guidance features from ``train_set`` (``finetune.TrainSet``: ``image_embeds``, ``labels``, ``ids``)
+    as 03 takes them from the whole train split (class means, or per-source features)."""
+    from .features import class_mean_features
+
+    feats = train_set.image_embeds.float()
+    if settings.guidance_feature == "source":
+        gfeat, gids = feats, list(train_set.ids)
+    else:
+        gfeat = class_mean_features(feats, train_set.labels, len(train_set.class_names))
+        gids = None
+    spec_bs = batch_size or int(SynthesisRecord.load(run).settings.get("batch_size", 16))
+    return synthesize(set_dir, settings, 1, source_manifest=source_manifest, guidance_features=gfeat,
+                      guidance_ids=gids, batch_size=spec_bs, device=device, progress=False)
+
+
+# ------------------------------------------------------------------------------------------- figures
+def figure_real_vs_synthetic(run: Any, s: SyntheticSet, per_class: int = 6):
+    """Each row a class: ``per_class`` real train images, then ``per_class`` images of set ``s``."""
+    import torch
+
+    from . import data, plots
+
+    rows = data.read_manifest(Path(run.root) / "artifacts" / "data" / "manifest.csv")
+    names = data.class_names(rows)
+    size = load_spec(Path(run.root) / s.path)["settings"]["image_size"]
+    srows = image_set_rows(Path(run.root) / s.path)
+    real = [r for r in rows if r["split"] == "train"]
+    pick_r = [r for c in range(len(names)) for r in [x for x in real if x["label"] == c][:per_class]]
+    pick_s = [r for c in range(len(names)) for r in [x for x in srows if x["label"] == c][:per_class]]
+    imgs = torch.cat([data.load_images(pick_r, size), data.load_images(pick_s, size)])
+    labels = [r["label"] for r in pick_r + pick_s]
+    order = sorted(range(len(labels)), key=lambda i: (labels[i], i))
+    return plots.per_class_grid(imgs[order], [labels[i] for i in order], names, per_class=2 * per_class,
+                                suptitle=f"real (left {per_class}) vs synthetic {s.id} (right)")
+
+
+def figure_clip_pca(run: Any, rec: SynthesisRecord, clip: str = "", device: str = "auto"):
+    """CLIP-feature PCA of real train, vanilla-base synthetic and the default row's synthetic data
+    (the paper's Fig. 1, left)."""
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+
+    from . import data
+
+    clip = _model_paths(run, "", clip)[1]
+    first = rec.sets[0] if rec.sets else None
+    size = load_spec(Path(run.root) / first.path)["settings"]["image_size"] if first else 16
+    train, feats, _ = _train_features(run, clip, size, device)
+    groups = [("real train", feats)]
+    vanilla = rec.find(ROWS[0])
+    if vanilla is not None:
+        groups.append((f"vanilla base ({vanilla.name})", set_features(run, vanilla, clip, device)))
+    default = rec.find(rec.default_row)
+    if default is not None:
+        groups.append((f"fine-tuned ({default.name})", set_features(run, default, clip, device)))
+    pca = PCA(n_components=2, random_state=0).fit(feats.numpy())
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    for (label, f), color in zip(groups, ["tab:blue", "tab:orange", "tab:green"]):
+        z = pca.transform(f.numpy())
+        ax.scatter(z[:, 0], z[:, 1], s=6, alpha=0.5, color=color, label=label)
+    ax.set_xlabel("PC 1 (real CLIP features)")
+    ax.set_ylabel("PC 2")
+    ax.legend(fontsize=8)
+    ax.set_title("CLIP image features (Fig. 1, left)")
+    return fig
+
+
+def figure_mmd(rec: SynthesisRecord):
+    """MMD^2 of every set to the real train set (CLIP space), rows in Table 2 order."""
+    import matplotlib.pyplot as plt
+
+    keys = list(rec.mmd2_to_real_train)
+    fig, ax = plt.subplots(figsize=(6, 0.3 * len(keys) + 1))
+    ax.barh(keys, [rec.mmd2_to_real_train[k] for k in keys], color="tab:green")
+    ax.invert_yaxis()
+    ax.set_xlabel("MMD$^2$ to the real train set (CLIP space)")
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    return fig
+
 
 
 # ------------------------------------------------------------------------------------------------ CLI

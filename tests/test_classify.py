@@ -1,5 +1,6 @@
 """Classifier training: recipes, timm model building, metrics, resumable training, sweeps."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -198,17 +199,96 @@ def test_pretrained_weights_from_local_file(tmp_path):
         C.build_model(r, 3)
 
 
-def test_discover_sets_and_summarise(tmp_path):
-    root = tmp_path / "synthetic"
-    make_set(root / "realfake" / "k1", n_per_class=1)
-    make_set(root / "realfake" / "k2", n_per_class=2)
-    make_set(root / "vanilla" / "k1", n_per_class=1)
-    (root / "partial" / "k1").mkdir(parents=True)           # no manifest yet: not a finished set
-    sets = C.discover_sets(root)
-    assert sorted(sets) == ["realfake", "vanilla"] and sorted(sets["realfake"]) == [1, 2]
-    recs = [{"table": "t1", "row": "real", "k": 0, "top1": v} for v in (0.8, 0.9, 1.0)]
-    s = C.summarise(recs)[0]
-    assert s["mean"] == pytest.approx(0.9) and s["std"] == pytest.approx(0.1) and s["n"] == 3
+def _run(source, tables, k, ss, seed, top1, row=""):
+    return C.ClassifierRun(source=source, tables=tables, k=k, synthesis_seed=ss, classifier_seed=seed, top1=top1,
+                           top5=1.0, n_train=10 * max(k, 1), path=f"c/{source}{k}{ss}{seed}", table2_row=row)
+
+
+def test_table2_effects_are_paired_and_fig2_marks_the_crossover(tmp_path):
+    from realfake_utils import stats
+
+    a = [0.50, 0.60, 0.55, 0.52]   # (synthesis seed, classifier seed) = (0,0) (0,1) (1,0) (1,1)
+    b = [0.58, 0.66, 0.60, 0.61]
+    keys = [(0, 0), (0, 1), (1, 0), (1, 1)]
+    runs = [_run("base-novg-t2i", ["table2"], 1, ss, s, v, "base-novg-t2i") for (ss, s), v in zip(keys, a)]
+    runs += [_run("lora-nodm-novg-t2i", ["table2"], 1, ss, s, v, "lora-nodm-novg-t2i")
+             for (ss, s), v in reversed(list(zip(keys, b)))]   # order in the record does not matter
+    (eff,) = C.table2_effects(runs)
+    ref = stats.paired([100 * x for x in a], [100 * x for x in b])
+    assert eff.name == "LoRA fine-tuning" and eff.n == 4
+    assert (eff.diff, eff.lo, eff.hi) == pytest.approx((ref.diff, ref.lo, ref.hi))
+    assert eff.verdict == "holds"
+    # Fig. 2: synthetic only crosses the real line between k = 2 and k = 5 (interpolated in log k)
+    assert C.crossover_k([1, 2, 5], [80.0, 90.0, 100.0], 95.0) == pytest.approx(math.exp(
+        math.log(2) + 0.5 * (math.log(5) - math.log(2))))
+    assert C.crossover_k([1, 2], [80.0, 90.0], 95.0) is None
+    assert C.crossover_k([1, 2], [96.0, 99.0], 95.0) == 1.0
+    runs += [_run("real", ["table1"], 0, None, s, 0.9) for s in (0, 1)]
+    runs += [_run("lora-dm-vg-lp", ["table1", "table2", "table3"] if k == 1 else ["table3"], k, 0, s,
+                  {1: 0.8, 2: 0.88, 5: 0.95}[k] + 0.01 * s, "lora-dm-vg-lp") for k in (1, 2, 5) for s in (0, 1)]
+    rec = C.ClassifierRecord(runs=runs, recipe={"name": "x"}, seeds=[0, 1], default_row="lora-dm-vg-lp",
+                             scale_k=[1, 2, 5], n_real_train=10, effects=C.table2_effects(runs))
+    pts = C.scaling_points(rec)
+    assert pts["k"] == [1, 2, 5] and pts["real"].n == 2 and 2 < pts["crossover_k"] < 5
+    fig = C.plot_scaling(rec, paper={1: 70.9, 2: 72.9}, paper_crossover=2.5)
+    assert any("crosses real" in t.get_text() for t in fig.axes[0].texts)
+    rec.save(tmp_path)
+    assert C.ClassifierRecord.load(tmp_path) == rec
+    lines = C.table_lines(rec, "table2")
+    assert [ln["source"] for ln in lines] == ["base-novg-t2i", "lora-nodm-novg-t2i", "lora-dm-vg-lp"]
+    assert lines[0]["estimate"].n == 4
+
+
+def test_train_tables_reads_03s_record_pairs_seeds_and_reuses_by_content(tmp_path):
+    from realfake_utils import data
+    from realfake_utils import synthesize as syn
+    from realfake_utils.rundir import RunDir
+
+    run = RunDir("test", tmp_path / "run")
+    manifest = data.prepare_data("digits", "", run.artifacts / "data", {"pool": 0.8, "train": 0.1, "test": 0.1},
+                                 seed=0)
+    rows = data.read_manifest(manifest)
+    names = data.class_names(rows)
+    train = [r for r in rows if r["split"] == "train"]
+    sets = []
+    for row, ss in (("base-novg-t2i", 0), ("base-novg-t2i", 1), ("lora-dm-vg-lp", 0), ("lora-dm-vg-lp", 1)):
+        d = syn.set_folder(run.artifacts / "synthetic", row, 1, ss)
+        d.mkdir(parents=True)
+        out = []
+        for i, r in enumerate(train):   # stand-in "synthetic" images: the real ones (format test only)
+            img, _ = data.ImageDataset([r], 8)[0]
+            img.save(d / f"{i}.png")
+            out.append({"file": f"{i}.png", "label": r["label"], "class_name": names[r["label"]]})
+        data.write_image_set(d, out)
+        sets.append(syn.SyntheticSet(name=row, table2_row=row, row=syn.row_switches(row), variant=syn.lora_variant(row),
+                                     k=1, synthesis_seed=ss, size=len(out), n_real_train=len(train),
+                                     path=syn.Record.rel(run, d), complete=True))
+    syn.SynthesisRecord(sets=sets, default_row="lora-dm-vg-lp", rows=["base-novg-t2i", "lora-dm-vg-lp"],
+                        scale_k=[1], synthesis_seeds=[0, 1], n_real_train=len(train)).save(run)
+    recipe = tiny_recipe(epochs=1)
+    rec = C.train_tables(run, recipe, [0, 1], device="cpu", verbose=False)
+    # real x 2 seeds + default k=1 synthetic (2 synthesis seeds x 2) + real+default (2 x 2) + base (2 x 2)
+    assert len(rec.runs) == 2 + 4 + 4 + 4
+    assert {r.classifier_seed for r in rec.runs if r.source == "base-novg-t2i"} == \
+        {r.classifier_seed for r in rec.runs if r.source == "lora-dm-vg-lp"} == {0, 1}
+    both = [r for r in rec.runs if r.source == "real+lora-dm-vg-lp"]
+    assert all(r.n_train == 2 * len(train) for r in both) and len(both) == 4   # Apx. G.2: twice the data
+    syn_runs = [r for r in rec.runs if r.source == "lora-dm-vg-lp"]
+    # trained once, listed in every table it belongs to (Table 3 / Fig. 2: the first synthesis seed)
+    assert [r.tables for r in syn_runs] == [["table1", "table2", "table3"]] * 2 + [["table1", "table2"]] * 2
+    (eff,) = [e for e in rec.effects if e.name == "full method vs vanilla base"]
+    assert eff.n == 4
+    assert not any(p.is_absolute() for p in map(Path, (r.path for r in rec.runs)))
+    # rerun: every classifier read back (same recipe, seed, source content)
+    again = C.train_tables(run, recipe, [0, 1], device="cpu", verbose=False)
+    assert [r.top1 for r in again.runs] == [r.top1 for r in rec.runs]
+    assert sum(r.train_time_s for r in again.runs) == sum(r.train_time_s for r in rec.runs)
+    # other content in a set -> its classifiers are retrained, the others are not
+    d = run.root / sets[0].path
+    (d / "0.png").write_bytes((d / "1.png").read_bytes())
+    key_before = C.run_key(C.RunSpec("base-novg-t2i", [C.Source("synthetic", str(d))]), recipe)
+    data.write_image_set(d, data.read_image_set(d)[1:])
+    assert C.run_key(C.RunSpec("base-novg-t2i", [C.Source("synthetic", str(d))]), recipe) != key_before
 
 
 def test_run_experiments_digits_real_and_synthetic(tmp_path):

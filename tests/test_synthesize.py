@@ -94,7 +94,6 @@ def test_stable_seed_is_a_fixed_function_of_id_and_round():
 def test_plan_batches_and_shards_cover_every_item_once():
     sources = syn.select_sources(_rows(4))
     assert len(sources) == 12 and all(r["split"] == "train" for r in sources)
-    assert len(syn.select_sources(_rows(4), per_class=2)) == 6
     items = syn.plan_items(sources, k=3, seed=0)
     assert len(items) == 36 and len({it.file for it in items}) == 36
     assert items[0].prompt.startswith("photo of zero")
@@ -108,15 +107,30 @@ def test_plan_batches_and_shards_cover_every_item_once():
         syn.shard_batches(batches, 2, 2)
 
 
-def test_set_names_follow_table2():
-    names = [syn.set_name(r) for r in syn.TABLE2_ROWS]
-    assert names == ["base-novg-t2i", "lora-nodm-novg-t2i", "lora-dm-novg-t2i", "lora-dm-vg-t2i",
-                     "lora-dm-vg-lp"]
-    st = syn.row_settings(syn.TABLE2_ROWS[-1], "base", "/x/lora", lora_scale=0.5)
+def test_nine_table2_rows_in_the_papers_order_and_their_switches():
+    assert syn.ROWS == ("base-novg-t2i", "lora-nodm-novg-t2i", "lora-nodm-vg-t2i", "lora-dm-novg-t2i",
+                        "lora-dm-vg-t2i", "base-novg-lp", "lora-nodm-vg-lp", "lora-dm-novg-lp", "lora-dm-vg-lp")
+    on = {r: tuple(k for k in syn.SWITCHES if syn.TABLE2_ROWS[r][k]) for r in syn.ROWS}
+    # Table 2 of the paper, row by row (LP, VG, DM, FT check marks)
+    assert on == {"base-novg-t2i": (), "lora-nodm-novg-t2i": ("finetune",),
+                  "lora-nodm-vg-t2i": ("finetune", "visual_guidance"), "lora-dm-novg-t2i": ("finetune", "dm_loss"),
+                  "lora-dm-vg-t2i": ("finetune", "dm_loss", "visual_guidance"), "base-novg-lp": ("latent_prior",),
+                  "lora-nodm-vg-lp": ("finetune", "visual_guidance", "latent_prior"),
+                  "lora-dm-novg-lp": ("finetune", "dm_loss", "latent_prior"),
+                  "lora-dm-vg-lp": ("finetune", "dm_loss", "visual_guidance", "latent_prior")}
+    assert syn.DEFAULT_ROW == "lora-dm-vg-lp"
+    assert [syn.set_name(r) for r in syn.ROWS] == list(syn.ROWS)
+    assert syn.set_name("lora-dm-vg-lp", "official") == "lora-dmofficial-vg-lp"
+    assert syn.lora_variant("lora-nodm-vg-lp") == "lora-nodm-vg" and syn.lora_variant("base-novg-lp") == "base-novg"
+    assert {syn.lora_variant(r) for r in syn.ROWS if syn.TABLE2_ROWS[r]["finetune"]} == \
+        {"lora-nodm-novg", "lora-nodm-vg", "lora-dm-novg", "lora-dm-vg"}   # the four variants 02 trains
+    st = syn.row_settings("lora-dm-vg-lp", "base", "/x/lora/lora-dm-vg", lora_scale=0.5)
     assert st.lora_dir == "/x/lora/lora-dm-vg" and st.latent_prior and st.visual_guidance
-    assert syn.row_settings(syn.TABLE2_ROWS[0], "base", "/x/lora").lora_dir == ""
+    assert syn.row_settings("base-novg-t2i", "base").lora_dir == ""
     with pytest.raises(ValueError, match="unknown switches"):
         syn.set_name({"finetune": True, "latentprior": True})
+    with pytest.raises(ValueError, match="not a Table 2 row"):
+        syn.row_switches("lora-dm-vg")
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -166,7 +180,7 @@ def test_imagefolder_manifest_and_resume_skips_everything(env):
     assert res["planned"] == 18 and res["generated"] == 18 and res["complete"]
     assert res["images_per_s"] > 0
     rows = syn.read_synthetic_manifest(set_dir)
-    assert len(rows) == 18 and set(rows[0]) == set(syn.MANIFEST_KEYS)
+    assert len(rows) == 18 and set(rows[0]) - {"path"} == set(syn.MANIFEST_KEYS)
     assert len({r["file"] for r in rows}) == 18
     from PIL import Image
     for r in rows:
@@ -193,7 +207,7 @@ def test_two_shards_merge_to_the_single_process_set(env):
     assert syn.set_status(sharded) == {"planned": 18, "finished": r0["finished"], "complete": False}
     syn.run_set(sharded, num_shards=2, shard_index=1, pipe=pipe, progress=False)
     rows_sharded = syn.merge_set(sharded)
-    assert rows_sharded == syn.read_synthetic_manifest(single)
+    assert rows_sharded == syn.merge_set(single)
     assert len({r["file"] for r in rows_sharded}) == len(rows_sharded) == 18
     assert _digests(sharded) == _digests(single)
 
@@ -230,7 +244,105 @@ def test_kill_mid_run_then_resume_gives_the_uninterrupted_set(env):
     assert res["already_done"] == n_killed and res["generated"] == 18 - n_killed
     rows = syn.read_synthetic_manifest(killed)
     assert len(rows) == 18 and len({r["file"] for r in rows}) == 18
-    assert rows == syn.read_synthetic_manifest(ref)
+    assert [{k: v for k, v in r.items() if k != "path"} for r in rows] == syn.merge_set(ref)
     assert not [p for p in killed.rglob(".*") if p.is_file() and p.suffix == ".png"]
     assert _digests(killed) == _digests(ref)  # identical bytes, before and after the kill
     assert discover_sets(env["root"] / "synthetic")["killed"] == {2: killed}
+
+
+# ------------------------------------------------------------------------------- 03's whole step
+@pytest.fixture(scope="module")
+def run_folder(env, tmp_path_factory):
+    """A run folder as 01 / 02 leave it: manifest, miniature base + CLIP, one trained LoRA variant."""
+    import shutil
+
+    from realfake_utils import data, models
+    from realfake_utils.rundir import RunDir, write_json
+
+    root = tmp_path_factory.mktemp("run")
+    art = root / "artifacts"
+    data.write_manifest(_rows(), art / "data" / "manifest.csv")
+    shutil.copytree(env["base"], art / "miniature" / "base")
+    models.build_tiny_clip(art / "miniature" / "clip", image_size=16, projection_dim=32, hidden=32)
+    shutil.copytree(env["lora"], art / "lora" / "lora-dm-vg")
+    write_json(art / "lora" / "lora-dm-vg" / "train_config.json",
+               {"variant": "lora-dm-vg", "config": {"guidance_token_position": "append"}})
+    return RunDir("test", root)
+
+
+def _cfg(**over):
+    p = dict(rows=["base-novg-t2i", "lora-nodm-vg-lp", "lora-dm-vg-lp"], default_row="lora-dm-vg-lp",
+             scale_k=[1, 2], synthesis_seeds=[0, 1], base_model="", clip_model="", image_size=16,
+             lora_scale=0.5, num_inference_steps=2, guidance_scale=2.0, latent_prior_strength=0.75,
+             guidance_feature="class_mean", negative_guidance_token=False, batch_size=4, dtype="auto",
+             device="cpu")
+    p.update(over)
+    return syn.SynthesisConfig.from_params(p)
+
+
+def test_config_from_params_one_builder_and_its_jobs():
+    cfg = _cfg()
+    assert cfg.jobs() == [("base-novg-t2i", 1, 0), ("base-novg-t2i", 1, 1), ("lora-nodm-vg-lp", 1, 0),
+                          ("lora-nodm-vg-lp", 1, 1), ("lora-dm-vg-lp", 1, 0), ("lora-dm-vg-lp", 1, 1),
+                          ("lora-dm-vg-lp", 2, 0)]
+    with pytest.raises(KeyError, match="synthesis_seeds"):
+        syn.SynthesisConfig.from_params({k: v for k, v in dataclasses_asdict(cfg).items() if k != "synthesis_seeds"})
+    with pytest.raises(ValueError, match="scale_k"):
+        _cfg(scale_k=[0])
+    with pytest.raises(ValueError, match="not a Table 2 row"):
+        _cfg(rows=["lora-dm-vg"])
+
+
+def dataclasses_asdict(x):
+    import dataclasses
+
+    return dataclasses.asdict(x)
+
+
+def test_synthesize_rows_makes_1x_sets_marks_them_and_records_them(run_folder):
+    from realfake_utils import data
+
+    rec = syn.synthesize_rows(run_folder, _cfg(), progress=False)
+    n_train = sum(r["split"] == "train" for r in data.read_manifest(run_folder.artifacts / "data" / "manifest.csv"))
+    assert rec.n_real_train == n_train == 9
+    # the default set at k = 1 has exactly the train split's size, per class as in the split
+    d = rec.default()
+    assert d.size == n_train and d.name == "lora-dm-vg-lp" and d.k == 1 and d.synthesis_seed == 0
+    per_class = {}
+    for r in syn.read_synthetic_manifest(run_folder.root / d.path):
+        per_class[r["class_name"]] = per_class.get(r["class_name"], 0) + 1
+    assert per_class == {"zero": 3, "one": 3, "two": 3}
+    assert {r["source_id"] for r in syn.read_synthetic_manifest(run_folder.root / d.path)} == \
+        {r["id"] for r in _rows() if r["split"] == "train"}          # each real train image is a source once
+    assert [s.id for s in rec.sets] == ["base-novg-t2i/k1-s0", "base-novg-t2i/k1-s1", "lora-dm-vg-lp/k1-s0",
+                                        "lora-dm-vg-lp/k1-s1", "lora-dm-vg-lp/k2-s0"]
+    assert all(s.complete and s.size == s.k * n_train for s in rec.sets)
+    k2 = rec.find("lora-dm-vg-lp", 2)
+    assert k2.linked == n_train and k2.generated == n_train          # round 0 reused from the k = 1 set
+    assert len(rec.skipped) == 1 and "lora-nodm-vg" in rec.skipped[0] and "variants" in rec.skipped[0]
+    assert rec.find("base-novg-t2i").row == {"finetune": False, "dm_loss": False, "visual_guidance": False,
+                                             "latent_prior": False, "dm_loss_form": "paper"}
+    # the guidance token position comes from 02's record / train_config.json
+    assert syn.load_spec(run_folder.root / d.path)["settings"]["guidance_token_position"] == "append"
+    assert set(rec.mmd2_to_real_train) == {s.id for s in rec.sets}
+    # two synthesis seeds give two different sets; the record round-trips
+    a, b = rec.of_row("lora-dm-vg-lp")
+    assert _digests(run_folder.root / a.path) != _digests(run_folder.root / b.path)
+    rec.save(run_folder)
+    assert syn.SynthesisRecord.load(run_folder) == rec
+    # completion is a marker written by synthesis: a replaced image is caught; a rerun generates nothing
+    again = syn.synthesize_rows(run_folder, _cfg(), progress=False, mmd=False)
+    assert sum(s.generated for s in again.sets) == 0
+    png = next((run_folder.root / d.path).rglob("*.png"))
+    png.write_bytes(png.read_bytes() + b"x")
+    assert not syn.is_complete(run_folder.root / d.path)
+    # a moved run folder keeps its sets (spec paths are relative)
+    import shutil
+
+    from realfake_utils.rundir import RunDir
+    moved = RunDir("test", run_folder.root.parent / "moved")
+    shutil.copytree(run_folder.root, moved.root, dirs_exist_ok=True, symlinks=True)
+    png.write_bytes(png.read_bytes()[:-1])
+    assert syn.is_complete(run_folder.root / d.path)
+    assert syn.load_spec(moved.root / d.path)["source_manifest_path"] == \
+        str((moved.root / "artifacts" / "data" / "manifest.csv").resolve())
