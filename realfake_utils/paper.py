@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from .params import ParamError, load_layers
+
 PAPER_NUMBERS = Path(__file__).resolve().parent / "resources" / "paper_numbers.yaml"
 
 # preset -> (paper column of Table 1, label shown beside it)
@@ -80,8 +82,6 @@ def paper_column(preset: str) -> tuple[str, str]:
 
 def is_paper_preset(preset: str) -> bool:
     """A preset built on ``params/_paper.yaml`` (the paper's protocol at the paper's sizes)."""
-    from .params import ParamError, load_layers
-
     try:
         return any(name == "params/_paper.yaml" for name, _ in load_layers(preset))
     except ParamError:
