@@ -917,17 +917,30 @@ class FinetuneRecord(Record):
     n_train: int = 0
     sampling: dict[str, Any] = field(default_factory=dict)
 
-    def config_of(self, variant: str) -> dict[str, Any]:
-        """The resolved configuration a variant was trained with (for :meth:`FinetuneConfig.from_record`)."""
+    @classmethod
+    def load(cls, run: Any) -> "FinetuneRecord":
+        rec = super().load(run)
+        rec._root = _run_root(run)   # resolves the run-relative base model path
+        return rec
+
+    def config_of(self, variant: str, run: Any = None) -> dict[str, Any]:
+        """The resolved configuration a variant was trained with (for :meth:`FinetuneConfig.from_record`);
+        a base model inside the run folder (stored relative to it) is resolved against ``run`` (default:
+        the folder this record was loaded from)."""
         if variant not in self.variants:
             raise KeyError(f"02 trained no LoRA '{variant}' (it trained {sorted(self.variants)}): add it "
                            "to 02's `variants` and rerun 02")
         sw = parse_variant(variant)
-        return dict(self.config, dm_loss=sw["dm_loss"], dm_loss_form=sw["dm_loss_form"],
-                    visual_guidance=sw["visual_guidance"])
+        d = dict(self.config, dm_loss=sw["dm_loss"], dm_loss_form=sw["dm_loss_form"],
+                 visual_guidance=sw["visual_guidance"])
+        root = _run_root(run) if run is not None else getattr(self, "_root", None)
+        if d.get("base_model") and d.get("base_model_in_run") and root is not None:
+            d["base_model"] = str(root / d["base_model"])
+        d.pop("base_model_in_run", None)
+        return d
 
     def lora_dir(self, run: Any, variant: str) -> Path:
-        return Path(getattr(run, "root", run)) / self.variants[variant].path
+        return _run_root(run) / self.variants[variant].path
 
     def history(self, run: Any, variant: str) -> list[dict[str, Any]]:
         return read_history(self.lora_dir(run, variant), self.variants[variant].config_key)
@@ -939,8 +952,13 @@ class FinetuneRecord(Record):
             raise KeyError(f"no samples of '{name}' in 02's record (n_per_class = 0?)")
         from safetensors.torch import load_file
 
-        t = load_file(str(Path(getattr(run, "root", run)) / rel))
+        t = load_file(str(_run_root(run) / rel))
         return t["images"], t["labels"]
+
+
+def _run_root(run: Any) -> Path:
+    """The run folder of a ``RunDir`` or a path (``pathlib.Path.root`` is "/", never use getattr)."""
+    return Path(run) if isinstance(run, (str, os.PathLike)) else Path(run.root)
 
 
 def _save_samples(path: Path, images, labels) -> None:
@@ -961,11 +979,11 @@ def _clip_features(clip_model: str, images, device: str):
 def train_variants(run: Any, cfg: FinetuneConfig, variants: Sequence[str], clip_model: str = "",
                    image_size: int = 0, sampling: SampleSettings | None = None,
                    num_processes: int | None = None, main_variant: str = "",
-                   log=print) -> FinetuneRecord:
+                   train_set: str | os.PathLike = "", log=print) -> FinetuneRecord:
     """The whole of 02 in one call (Sec. 3.1-3.2, Table 2).
 
     1. the target train split as a :class:`TrainSet` (images at ``image_size``, prompts, CLIP
-       embeddings of ``clip_model``, default the run's miniature CLIP);
+       embeddings of ``clip_model``, default the run's miniature CLIP; or the file ``train_set``);
     2. each LoRA variant of :func:`resolve_variants` (``lora-dm-*`` take ``cfg.dm_loss_form``),
        trained with ``cfg`` and the variant's switches into ``artifacts/lora/<variant>`` (reused when
        finished with the same key, resumed when interrupted);
@@ -980,7 +998,7 @@ def train_variants(run: Any, cfg: FinetuneConfig, variants: Sequence[str], clip_
 
     from . import data, features, losses, models
 
-    root = Path(getattr(run, "root", run))
+    root = _run_root(run)
     art = root / "artifacts"
     clip = clip_model or str(art / "miniature" / "clip")
     names = resolve_variants(variants, cfg.dm_loss_form)
@@ -990,7 +1008,8 @@ def train_variants(run: Any, cfg: FinetuneConfig, variants: Sequence[str], clip_
         raise ValueError("train_variants: no LoRA variant to train (variants lists only base-* names)")
     if not image_size:
         image_size = _model_resolution(cfg.base_model)
-    ts_path = build_train_set(root, image_size, clip_model=clip, device=cfg.device)
+    ts_path = Path(train_set) if train_set else build_train_set(root, image_size, clip_model=clip,
+                                                                device=cfg.device)
     ts = load_train_set(ts_path)
     summaries: dict[str, dict[str, Any]] = {}
     for name in names:
@@ -1014,7 +1033,11 @@ def train_variants(run: Any, cfg: FinetuneConfig, variants: Sequence[str], clip_
             before=variant_name(False, False, parse_variant(name)["visual_guidance"]))
         for name, s in summaries.items()}
     sampling = sampling or SampleSettings(n_per_class=0)
-    rec = FinetuneRecord(config=cfg.replace(output_dir="").to_dict(),
+    stored = cfg.replace(output_dir="").to_dict()
+    rel_base = Record.rel(root, cfg.base_model) if Path(cfg.base_model).exists() else cfg.base_model
+    if rel_base != cfg.base_model and not Path(rel_base).is_absolute():
+        stored.update(base_model=rel_base, base_model_in_run=True)   # records hold run-relative paths
+    rec = FinetuneRecord(config=stored,
                          main_variant=names[0], variants=results, n_train=len(ts),
                          sampling=dataclasses.asdict(sampling))
     if sampling.n_per_class > 0:

@@ -177,7 +177,10 @@ class FinetuneConfig:
         """02's resolved configuration from its :class:`finetune.FinetuneRecord` (or the record's
         ``config`` dict), optionally for another ``variant`` / ``output_dir`` / ``base_model``:
         the way 06 trains its member LoRA exactly as 02 trained the Table 2 ones."""
-        d = dict(getattr(record, "config", record))
+        if hasattr(record, "config_of"):          # a FinetuneRecord: run-relative base resolved
+            d = record.config_of(variant or record.main_variant)
+        else:
+            d = {k: v for k, v in dict(record).items() if k != "base_model_in_run"}
         cfg = cls.from_dict(d)
         if variant:
             sw = parse_variant(variant)

@@ -270,3 +270,32 @@ def test_sampling_with_zero_per_class_and_image_size(tiny):
     imgs, _ = ft.sample_per_class(pipe, CLASSES[:1], 1, class_embeds=torch.randn(1, 32), num_inference_steps=2,
                                   height=32, width=32, guidance_token_position="replace_last")
     assert imgs.shape == (1, 3, 32, 32)
+
+
+def test_train_variants_record_round_trip(tiny, tmp_path):
+    """02 in one call on a run folder: a LoRA per variant, no samples (n_per_class 0, the paper
+    presets' setting), the record with the run-relative base model, and 06's rebuild of the config."""
+    import shutil
+
+    from realfake_utils import data
+
+    root = tmp_path / "run"
+    art = root / "artifacts"
+    ts = tiny["ts"]
+    data.write_manifest([{"id": i, "path": "x.png", "index": j, "label": int(ts.labels[j]),
+                          "class_name": CLASSES[int(ts.labels[j])], "split": "train"}
+                         for j, i in enumerate(ts.ids)], art / "data" / "manifest.csv")
+    shutil.copytree(tiny["base"], art / "miniature" / "base")
+    ft.save_train_set(art / "lora" / ft.TRAIN_SET_NAME, ts)
+    cfg = _cfg(tiny, "", base_model=str(art / "miniature" / "base"), max_train_steps=2)
+    rec = ft.train_variants(root, cfg, ["base-vg", "lora-nodm-novg", "lora-dm-vg"], image_size=16,
+                            sampling=ft.SampleSettings(n_per_class=0), train_set=art / "lora" / ft.TRAIN_SET_NAME)
+    assert list(rec.variants) == ["lora-nodm-novg", "lora-dm-vg"] and not rec.base_samples
+    loaded = ft.FinetuneRecord.load(root)
+    assert loaded.variants["lora-dm-vg"].samples_seen == 2 * cfg.global_batch_size
+    assert loaded.variants["lora-dm-vg"].path == "artifacts/lora/lora-dm-vg"
+    assert loaded.config["base_model"] == "artifacts/miniature/base"          # relative to the run folder
+    again = ft.FinetuneConfig.from_record(loaded, variant="lora-nodm-novg", output_dir=str(tmp_path / "m"))
+    assert again.base_model == str(art / "miniature" / "base") and not again.dm_loss
+    assert again.replace(output_dir="", dm_loss=True, visual_guidance=True) == cfg.replace(output_dir="")
+    assert [h["step"] for h in loaded.history(root, "lora-dm-vg")] == [0, 1]
