@@ -326,3 +326,90 @@ def test_private_split_and_unit_tags(tmp_path):
     real = lira.real_target(tmp_path, p, recipe, device="cpu")
     assert real.shape == (40, 2) and np.isfinite(real).all()
     assert len(list((tmp_path / "artifacts" / "lira").glob("target_real_*/DONE.json"))) == 1
+
+
+# ---------------------------------------------------------------- (b) is made exactly as 02 made its LoRA
+@pytest.mark.parametrize("preset", ["imagenette", "eurosat", "digits"])
+def test_member_lora_config_equals_02s_under_the_preset(tmp_path, preset):
+    """Under a preset's parameters, 06's member LoRA configuration is 02's, field by field (Table 7:
+    snr_gamma, mixed precision, flip, lr, global batch, epochs, DM form and weight, guidance token ...);
+    only the output folder differs. 02's record is written as 02's train_variants writes it and read
+    back from JSON, as 06 reads it."""
+    from realfake_utils import finetune as ft
+    from realfake_utils import params
+    from realfake_utils.rundir import RunDir
+
+    p02 = params.resolve(preset, notebooks=["02_finetune"])["02_finetune"]
+    base = "runwayml/stable-diffusion-v1-5" if preset != "digits" else str(tmp_path / "artifacts/miniature/base")
+    cfg02 = ft.FinetuneConfig.from_params(p02, base_model=base)
+    main = ft.variant_name(True, p02["dm_loss"], p02["visual_guidance"], p02["dm_loss_form"])
+    run = RunDir(preset, tmp_path)
+    variant = ft.VariantResult(name=main, path=f"artifacts/lora/{main}", steps=1, samples_seen=1,
+                               epochs_seen=1.0, passes_min=1, passes_max=1, final_loss=0.1, final_l_simple=0.1,
+                               final_l_dm=0.0, reused=False, seconds=1.0, config_key="k", num_processes=1)
+    ft.FinetuneRecord(config=cfg02.replace(output_dir="").to_dict(), main_variant=main,
+                      variants={main: variant}, n_train=10).save(run)
+    member = lira.member_finetune_config(run, main, tmp_path / "artifacts/lira/x/lora")
+    want = cfg02.replace(output_dir=str(tmp_path / "artifacts/lira/x/lora")).to_dict()
+    assert member.to_dict() == want
+    if preset != "digits":   # the paper presets: Table 7 / Eq. 21 values reach the member LoRA
+        assert (member.snr_gamma, member.mixed_precision, member.learning_rate) == (0.75, "fp16", 1e-4)
+        assert member.global_batch_size == 64 and member.num_train_epochs == 300
+        assert member.dm_loss and member.dm_loss_form == "paper" and member.guidance_token_position == "append"
+    with pytest.raises(KeyError, match="02 trained no LoRA"):
+        lira.member_finetune_config(run, "lora-nodm-novg", tmp_path / "y")
+
+
+def test_synthetic_target_repeats_02_and_03_on_the_members(tmp_path):
+    """Target (b) end to end at tiny size, through 02's and 03's own code (train_variants,
+    synthesize_rows): the member LoRA has 02's configuration and trains on the members only, the set
+    has 03's settings (the member LoRA swapped in), one image per member; rerunning reuses everything."""
+    import torch
+    from realfake_utils import classify, data, models
+    from realfake_utils import finetune as ft
+    from realfake_utils import synthesize as syn
+    from realfake_utils.rundir import RunDir, read_json
+
+    torch.set_num_threads(1)
+    run = RunDir("t", tmp_path)
+    art = run.artifacts
+    data.prepare_data("digits", "", art / "data", {"pool": 0.9, "train": 0.05, "test": 0.05}, seed=0)
+    names = data.class_names(data.read_manifest(art / "data" / "manifest.csv"))
+    clip = models.build_tiny_clip(art / "miniature" / "clip", image_size=16, projection_dim=32, words=names)
+    base = models.build_tiny_sd(art / "miniature" / "base", sample_size=16, words=names)
+    cfg = ft.FinetuneConfig(base_model=str(base), max_train_steps=2, global_batch_size=8, lora_rank=2,
+                            lora_alpha=2.0, learning_rate=1e-3, snr_gamma=0.75, random_flip=True, device="cpu")
+    ft.train_variants(run, cfg, ["lora-dm-vg"], clip_model=str(clip), image_size=16,
+                      sampling=ft.SampleSettings(n_per_class=0)).save(run)
+    scfg = syn.SynthesisConfig(rows=["lora-dm-vg-lp"], default_row="lora-dm-vg-lp", scale_k=[1],
+                               synthesis_seeds=[0], base_model=str(base), clip_model=str(clip), image_size=16,
+                               lora_scale=0.5, num_inference_steps=2, guidance_scale=2.0,
+                               latent_prior_strength=0.75, guidance_feature="class_mean",
+                               negative_guidance_token=False, batch_size=16, dtype="float32", device="cpu")
+    syn.synthesize_rows(run, scfg, progress=False, mmd=False).save(run)
+
+    private = lira.private_data(run, 16, seed=0)     # the whole train split (90), 45 members
+    recipe = classify.load_recipe("miniature", image_size=16, epochs=1, batch_size=32,
+                                  model_kwargs={"channels": [8, 8, 8, 8], "stem_width": 8})
+    out = lira.synthetic_target(run, private, recipe, device="cpu")
+    assert out.info.ran and out.scores.shape == (90, 2) and np.isfinite(out.scores).all()
+    assert out.info.set_name == "lora-dm-vg-lp" and out.info.lora_variant == "lora-dm-vg"
+    # 02's configuration, only the folder differs
+    member_cfg = ft.FinetuneConfig.from_dict(out.info.finetune_config)
+    rec02 = ft.FinetuneRecord.load(run)
+    want = ft.FinetuneConfig.from_record(rec02.config_of("lora-dm-vg"))
+    assert member_cfg.hashed_dict() == want.hashed_dict()
+    # trained on the members only (02's train set restricted to them)
+    folder = tmp_path / out.info.folder
+    ts_m = ft.load_train_set(folder / "members_train_set.safetensors")
+    assert ts_m.ids == [i for i, m in zip(private.ids, private.member) if m]
+    # 03's settings of the set, with the member LoRA: one image per member
+    spec03 = syn.load_spec(tmp_path / syn.SynthesisRecord.load(run).default().path)["settings"]
+    spec06 = syn.load_spec(folder / "set")["settings"]
+    assert {k: v for k, v in spec06.items() if k != "lora_dir"} == {k: v for k, v in spec03.items() if k != "lora_dir"}
+    assert out.info.n_synthetic == private.n_members == 45
+    # resumable: a second call trains and generates nothing new, same scores
+    before = read_json(folder / "target" / "DONE.json")
+    again = lira.synthetic_target(run, private, recipe, device="cpu")
+    np.testing.assert_array_equal(again.scores, out.scores)
+    assert read_json(folder / "target" / "DONE.json") == before
