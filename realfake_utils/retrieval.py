@@ -763,12 +763,12 @@ def plot_sweep(record: RetrievalRecord):
             ax.axvspan(record.retrieved_max, ax.get_xlim()[1], color="0.9", zorder=0)
         ax.set_xscale("log")
         ax.set_xlabel("adaptation images")
-        ax.set_ylabel(f"{title} top-1 on the target test split (%)")
+        ax.set_ylabel("top-1 on the target test split (%)")
         ax.set_title(title, fontsize=9)
     axes[0].legend(fontsize=7)
-    fig.suptitle("Geng et al. Fig. 2 in miniature: retrieved real vs synthetic images (mean +- 1 std over "
-                 f"{len(record.seeds)} seeds; grey: beyond the retrieved maximum)", fontsize=9)
-    fig.tight_layout()
+    fig.suptitle("Geng et al. Fig. 2 in miniature: retrieved real vs synthetic images\n(mean +- 1 std over "
+                 f"{len(record.seeds)} seeds; grey: beyond the retrieved maximum)", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
     return fig
 
 
