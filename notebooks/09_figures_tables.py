@@ -29,7 +29,7 @@
 #   k, with the crossover scale beside Fig. 2's 2.5x / 6.5x; (4) LiRA TPR at 1 % / 0.1 % FPR and AUC with
 #   06's bootstrap intervals; (5) SSCD copies at 07's calibrated threshold; (6) Geng et al.'s retrieval claim,
 #   judged by 08's own function; (7) OOD at the largest k against real data.
-# - **Figures**: Table 2 beside the paper and Fig. 1 (MMD^2 per set) are drawn here; Fig. 2 (scaling),
+# - **Figures**: Table 2 beside the paper is drawn here; Fig. 1 (MMD^2 per set), Fig. 2 (scaling),
 #   Fig. 3 (LiRA ROC) and Geng et al.'s sweep by the steps' own plotting functions.
 #
 # Verdicts come from `realfake_utils.stats` (the same computation the steps print): *holds*, *contradicted*,

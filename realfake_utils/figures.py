@@ -1,12 +1,12 @@
 """The report's own composite figures (notebook 09): each drawn by one function from typed records.
 
 Figures a step owns are drawn by that step's function and only called here (:func:`step_figures`):
-Fig. 2 scaling -> ``classify.plot_scaling``, Table 4 against k -> ``ood.plot_ood_vs_k``, Fig. 3 LiRA ROC ->
+Fig. 1's MMD^2 per set -> ``synthesize.figure_mmd``, Fig. 2 scaling -> ``classify.plot_scaling``, Table 4 against k -> ``ood.plot_ood_vs_k``, Fig. 3 LiRA ROC ->
 ``lira.plot_fig3``, Geng et al.'s data-size sweep -> ``retrieval.plot_sweep``. What is drawn here compares the run with the paper:
 
 - :func:`figure_table2`: Table 2's nine rows (this run, mean and 95 % interval, every seed a dot) beside
   the paper's IN-10 / IN-100 values, in the paper's order;
-- :func:`figure_mmd`: Fig. 1 as a number: each synthetic set's MMD^2 to the real train set (03's record).
+(Fig. 1 as a number, each set's MMD^2 to the real train set, is 03's ``synthesize.figure_mmd``.)
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import classify, lira, ood, retrieval
+from . import classify, lira, ood, retrieval, synthesize
 from .paper import PaperNumbers
 from .tables import TABLE2_ROWS, RunRecords, accuracies, estimate
 
@@ -61,30 +61,6 @@ def figure_table2(recs: RunRecords, paper: PaperNumbers):
     return fig
 
 
-def figure_mmd(recs: RunRecords):
-    """Fig. 1, quantitatively: MMD^2 (CLIP space) of each synthetic set to the real train set, from 03's
-    record, rows in Table 2's order (the paper's Fig. 1 shows the fine-tuned features covering the real
-    ones and the vanilla ones not; a lower MMD^2 is that statement as a number)."""
-    import matplotlib.pyplot as plt
-
-    rec = recs.synthesis
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    mmd = dict(rec.mmd2_to_real_train) if rec is not None else {}
-    if not mmd:
-        _placeholder(ax, "no MMD^2 in 03's record (run notebook 03_synthesize)")
-        return fig
-    order = {r: i for i, r in enumerate(TABLE2_ROWS)}
-    rows = {s.id: s.table2_row for s in rec.sets}
-    ids = sorted(mmd, key=lambda i: (order.get(rows.get(i, ""), 99), i))
-    ax.barh(range(len(ids)), [mmd[i] for i in ids], color=["C2" if rows.get(i) == TABLE2_ROWS[-1] else "C0" for i in ids])
-    ax.set_yticks(range(len(ids)), ids, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("MMD$^2$ to the real train set (CLIP image features)")
-    ax.set_title("Fig. 1: distance of each synthetic set to the real data", fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
 def fig2_paper_points(paper: PaperNumbers) -> dict[int, float]:
     """The published synthetic-only points against k (Table 3, ImageNet-1K top-1): {k: top-1}."""
     cells = (paper.tables.get("table3") or {}).get("IN-1K top-1") or {}
@@ -95,6 +71,9 @@ def step_figures(recs: RunRecords, paper: PaperNumbers) -> dict[str, Callable[[]
     """The figures the steps own, drawn by their own functions from their records (09 saves them under
     its own names): Fig. 2 (classify), Fig. 3 (lira), Geng et al.'s sweep (retrieval)."""
     out: dict[str, Callable[[], Any]] = {}
+    if recs.synthesis is not None and recs.synthesis.mmd2_to_real_train:
+        # Fig. 1 as a number (03's own figure; its CLIP PCA needs 03's models and stays in 03)
+        out["09_fig1_mmd"] = lambda: synthesize.figure_mmd(recs.synthesis)
     if recs.classifier is not None and recs.classifier.select("table3"):
         # the paper's synthetic-only curve against k is printed for ImageNet-1K only (Table 3); Fig. 2's
         # IN-10 / IN-100 crossovers (2.5x / 6.5x) are text: claim 3 states them beside the run's
@@ -111,7 +90,7 @@ def step_figures(recs: RunRecords, paper: PaperNumbers) -> dict[str, Callable[[]
 
 
 def make_figures(recs: RunRecords, paper: PaperNumbers) -> dict[str, Any]:
-    """{figure name: Figure}: Table 2 and Fig. 1 drawn here, Fig. 2 / Fig. 3 / the sweep by their steps."""
-    figs = {"09_table2": figure_table2(recs, paper), "09_fig1_mmd": figure_mmd(recs)}
+    """{figure name: Figure}: Table 2 drawn here; Fig. 1-3, Table 4 vs k and the sweep by their steps."""
+    figs = {"09_table2": figure_table2(recs, paper)}
     figs.update({name: make() for name, make in step_figures(recs, paper).items()})
     return figs
