@@ -22,21 +22,18 @@ from . import classify, finetune, lira, ood, prepare, retrieval, sscd, stats, sy
 from .paper import PaperNumbers, paper_column
 from .records import Record
 
-# Table 2 of the paper, in its order (row 1 ... 9): the kit's set names (synthesize.set_name).
-TABLE2_ROWS = (
-    "base-novg-t2i", "lora-nodm-novg-t2i", "lora-nodm-vg-t2i", "lora-dm-novg-t2i", "lora-dm-vg-t2i",
-    "base-novg-lp", "lora-nodm-vg-lp", "lora-dm-novg-lp", "lora-dm-vg-lp",
-)
-DEFAULT_ROW = "lora-dm-vg-lp"          # the full method (Table 2 row 9)
-TABLE2_COLUMNS = ("IN-10", "IN-100")  # the paper ran the ablation on these two only (Sec. 4.1)
+TABLE2_ROWS = synthesize.ROWS          # Table 2's nine rows in the paper's order (row 1 ... 9)
+DEFAULT_ROW = synthesize.DEFAULT_ROW    # the full method (Table 2 row 9, "OURS" of Tables 1, 3, 4)
+TABLE2_COLUMNS = ("IN-10", "IN-100")   # the paper ran the ablation on these two only (Sec. 4.1)
+
 
 # --------------------------------------------------------------------------------------------- records
-def _record_class(module: Any, name: str) -> type[Record]:
-    cls = getattr(module, name, None)
-    if cls is None:
-        raise ImportError(f"realfake_utils.{module.__name__.rsplit('.', 1)[-1]} defines no {name}: the report "
-                          f"reads that step's results through it (update the kit)")
-    return cls
+RECORDS: tuple[tuple[str, type[Record]], ...] = (
+    ("prepare", prepare.PrepareRecord), ("finetune", finetune.FinetuneRecord),
+    ("synthesis", synthesize.SynthesisRecord), ("classifier", classify.ClassifierRecord),
+    ("ood", ood.OODRecord), ("lira", lira.LiraRecord), ("sscd", sscd.SSCDRecord),
+    ("retrieval", retrieval.RetrievalRecord),
+)
 
 
 @dataclass
@@ -55,12 +52,8 @@ class RunRecords:
     @classmethod
     def load(cls, run: Any) -> "RunRecords":
         out = cls()
-        for attr, module, name in (("prepare", prepare, "PrepareRecord"), ("finetune", finetune, "FinetuneRecord"),
-                                   ("synthesis", synthesize, "SynthesisRecord"),
-                                   ("classifier", classify, "ClassifierRecord"), ("ood", ood, "OODRecord"),
-                                   ("lira", lira, "LiraRecord"), ("sscd", sscd, "SSCDRecord"),
-                                   ("retrieval", retrieval, "RetrievalRecord")):
-            setattr(out, attr, _record_class(module, name).load_or_none(run))
+        for attr, record in RECORDS:
+            setattr(out, attr, record.load_or_none(run))
         return out
 
     def steps(self) -> dict[str, bool]:
@@ -173,33 +166,24 @@ def table2(recs: RunRecords, paper: PaperNumbers) -> Table:
     """Table 2: the nine ablation rows in the paper's order (synthetic only, k = 1), with the switches,
     beside the paper's IN-10 and IN-100 values."""
     t = Table("table2", "Table 2: ablation, synthetic only, k = 1 (top-1 %)",
-              ["#", "row", "LP", "VG", "DM", "FT", "this run: top-1 % (95 % interval)", "set", "paper IN-10",
-               "paper IN-100"])
+              ["#", "row", "LP", "VG", "DM", "FT", "this run: top-1 % (95 % interval)", "set",
+               *[f"paper {c}" for c in TABLE2_COLUMNS]])
     rec = recs.classifier
     if rec is None:
         t.missing = not_measured("04_train_classifier")
         return t
     for i, row in enumerate(TABLE2_ROWS, 1):
         runs = accuracies(rec, "table2", row, 1)
-        sw = row_switches(row)
+        sw = synthesize.row_switches(row)
         ticks = ["✓" if sw[s] else "" for s in ("latent_prior", "visual_guidance", "dm_loss", "finetune")]
         t.rows.append([i, row, *ticks,
                        estimate(runs).fmt() if runs else not_measured("03_synthesize", "row not run"),
-                       runs[0].source if runs else "-", _paper(paper, "table2", "IN-10", row),
-                       _paper(paper, "table2", "IN-100", row)])
+                       runs[0].source if runs else "-", *[_paper(paper, "table2", c, row) for c in TABLE2_COLUMNS]])
     t.notes.append("rows in the paper's order; paper columns: Table 2, ImageNette (IN-10) and ImageNet100 (IN-100); "
                    "'set': the synthetic set 03 made for the row (lora-dmofficial-...: DM variants trained with the "
                    "official loss form).")
     t.notes += [f"not trained: {m}" for m in rec.missing if m.startswith("table2")]
     return t
-
-
-def row_switches(row: str) -> dict[str, bool]:
-    """The Table 2 switches of a set name (``synthesize.set_name``'s grammar)."""
-    parts = row.split("-")
-    lora = parts[0] == "lora"
-    return {"finetune": lora, "dm_loss": lora and parts[1] in ("dm", "dmofficial"),
-            "visual_guidance": "vg" in parts, "latent_prior": parts[-1] == "lp"}
 
 
 def table3(recs: RunRecords, paper: PaperNumbers) -> Table:

@@ -44,7 +44,7 @@ def synthesis_record(k_list=(1, 2)) -> synthesize.SynthesisRecord:
     sets = []
     for row in T.TABLE2_ROWS:
         for k in (k_list if row == T.DEFAULT_ROW else (1,)):
-            sw = T.row_switches(row)
+            sw = synthesize.row_switches(row)
             sets.append(synthesize.SyntheticSet(
                 name=row, table2_row=row, row=sw, variant=row.rsplit("-", 1)[0], k=k, synthesis_seed=0,
                 size=10 * k, n_real_train=10, path=f"artifacts/synthetic/{row}/k{k}-s0", complete=True))
