@@ -44,6 +44,8 @@ PAPER_VALUES = {
     ("03_synthesize", "default_row"): ("lora-dm-vg-lp", "Table 2, row 9 = Table 1 'OURS'"),
     ("03_synthesize", "scale_k"): ([1, 2, 5, 10], "Table 3 rows x1, x2, x5, x10 / Fig. 2"),
     ("06_lira", "n_shadow"): (10, "Sec. 4.5: 10 sampling iterations"),
+    ("03_synthesize", "synthesis_seeds"): ([0], "Tables 1-4: one synthetic set per cell"),
+    ("04_train_classifier", "seeds"): ([0], "Tables 1-4: one classifier per cell"),
 }
 # the official code's values where the paper is silent or lost (stated as such in _paper.yaml)
 OFFICIAL_WHERE_PAPER_SILENT = {
