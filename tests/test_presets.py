@@ -264,3 +264,12 @@ def test_shown_presets_have_the_nine_rows_and_no_per_class_shortcut():
         assert res["03_synthesize"]["rows"] == NINE_ROWS
         assert sorted(res["02_finetune"]["variants"]) == sorted(FOUR_VARIANTS)
     assert re.fullmatch(r"\[1, 2, 5\]", str(params.resolve("digits")["03_synthesize"]["scale_k"]))
+
+
+def test_lira_classifiers_use_the_presets_classifier_recipe():
+    """06's target / shadow classifiers are trained as 04's (same recipe, same overrides) in every preset."""
+    for name in params.list_presets():
+        merged = params.load_preset(name)
+        r04 = merged.get("04_train_classifier", {}).get("recipe_overrides", {})
+        r06 = merged.get("06_lira", {}).get("recipe_overrides", {})
+        assert r04 == r06, f"{name}: 04 recipe_overrides {r04} but 06 {r06}"
