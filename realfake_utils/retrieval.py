@@ -318,13 +318,13 @@ def read_pool_index(folder: str | Path, class_names: Sequence[str] | None = None
     return rows, excluded
 
 
-def miniature_pool_config(clip_dir: str | Path, fallback: dict | None = None) -> dict:
+def miniature_pool_config(clip_dir: str | Path, fallback: dict | None = None, force_fallback: bool = False) -> dict:
     """The pool settings (``image_size``, ``seed``, ``pool_shift``, ``caption_*`` rates) the miniature CLIP
     was trained with, read from its key file ``<clip_dir>.params.json`` (written by
     ``miniature.cached_artifact``), else ``fallback`` (e.g. 01_prepare's resolved parameters)."""
     key = Path(str(clip_dir).rstrip("/") + ".params.json")
     keys = ("caption_wrong_rate", "caption_missing_rate", "caption_noise_rate", "caption_style_rate")
-    if key.exists():
+    if key.exists() and not force_fallback:
         p = json.loads(key.read_text())["params"]
         out = {"image_size": int(p["image_size"]), "seed": int(p["seed"]), "pool_shift": dict(p["shift"]),
                "pool_fingerprint": p.get("pool"), "source": str(key)}
@@ -485,15 +485,15 @@ class Pool:
 
 
 def load_pool(art: str | Path, class_names: Sequence[str], image_size: int, pool_index: str = "",
-              clip_dir: str | Path = "", fallback: dict | None = None) -> Pool:
+              clip_dir: str | Path = "", preset: str = "") -> Pool:
     """The pool 08 retrieves from, read, not rebuilt: ``pool_index`` (a LAION-style folder) if given; else
     01's pool index ``artifacts/data/pool/`` when 01 wrote one; else the manifest's ``pool`` rows with
     their ``caption`` column; else (01 stores neither) the same deterministic shift and captions 01
     applied, recomputed by 01's own function ``miniature.make_pool`` with the settings recorded beside
     the miniature CLIP (``<clip>.params.json``). Unreadable images are excluded and listed."""
     from . import data
-    from . import miniature as mini
 
+    mini = _pool_module()
     art = Path(art)
     idx = Path(pool_index) if pool_index else art / POOL_INDEX_DIR
     if pool_index or (idx / "captions.jsonl").exists():
@@ -505,15 +505,24 @@ def load_pool(art: str | Path, class_names: Sequence[str], image_size: int, pool
     if not rows:
         raise ValueError("this run has no miniature pool (split_fractions['pool'] = 0 or a real base model): "
                          "set pool_index to a folder of images + captions.jsonl")
-    if all(str(r.get("caption", "")).strip() for r in rows):
-        return Pool([r["id"] for r in rows], data.load_images(rows, image_size), [r["caption"] for r in rows],
+    import csv
+
+    with open(art / "data" / "manifest.csv", newline="", encoding="utf-8") as f:
+        caps = {r["id"]: (r.get("caption") or "").strip() for r in csv.DictReader(f)}
+    if all(caps.get(r["id"]) for r in rows):
+        return Pool([r["id"] for r in rows], data.load_images(rows, image_size), [caps[r["id"]] for r in rows],
                     [int(r["label"]) for r in rows], {"kind": "manifest"})
-    pc = miniature_pool_config(clip_dir or art / "miniature" / "clip", fallback)
+    try:
+        pc = miniature_pool_config(clip_dir or art / "miniature" / "clip")
+    except (FileNotFoundError, KeyError):  # no (or another layout of the) key file: 01's resolved parameters
+        from .params import resolve
+        pc = miniature_pool_config(clip_dir or art / "miniature" / "clip",
+                                   resolve(preset or "digits", notebooks=["01_prepare"])["01_prepare"], force_fallback=True)
     if pc["pool_fingerprint"] and pc["pool_fingerprint"] != mini.pool_fingerprint(rows):
         raise ValueError("the miniature CLIP was trained on another pool than this manifest's: rerun 01_prepare")
-    cfg = mini.MiniatureConfig(image_size=pc["image_size"], seed=pc["seed"], pool_shift=pc["pool_shift"],
-                               **{k: pc[k] for k in ("caption_wrong_rate", "caption_missing_rate",
-                                                     "caption_noise_rate", "caption_style_rate")})
+    rates = {k: pc[k] for k in ("caption_wrong_rate", "caption_missing_rate", "caption_noise_rate", "caption_style_rate")}
+    cfg = (mini.PoolConfig(seed=pc["seed"], pool_shift=pc["pool_shift"], **rates) if hasattr(mini, "PoolConfig")
+           else mini.MiniatureConfig(image_size=pc["image_size"], seed=pc["seed"], pool_shift=pc["pool_shift"], **rates))
     pool = mini.make_pool(rows, data.load_images(rows, pc["image_size"]), class_names, cfg)
     images = pool["images"]
     if images.shape[-1] != image_size:
@@ -521,6 +530,16 @@ def load_pool(art: str | Path, class_names: Sequence[str], image_size: int, pool
     return Pool(pool["ids"], images, [c["caption"] for c in pool["captions"]], list(pool["labels"]),
                 {"kind": "miniature", "config_from": Path(pc["source"]).name,
                  "caption_kinds": mini.caption_stats(pool["captions"])})
+
+
+def _pool_module():
+    """The module holding the miniature pool's functions (``pool``; ``miniature`` in older trees)."""
+    try:
+        from . import pool
+        return pool
+    except ImportError:
+        from . import miniature
+        return miniature
 
 
 def data_resize(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -772,27 +791,29 @@ def plot_sweep(record: RetrievalRecord):
     return fig
 
 
-def plot_examples(target: torch.Tensor, retrieved: torch.Tensor, synthetic: torch.Tensor,
+def plot_examples(target_x: torch.Tensor, target_y: torch.Tensor, sources: Sequence[AdaptSource],
                   class_names: Sequence[str], per_class: int = 4, size: float = 0.7):
-    """Their Fig. 3 analog: per class one target image (ground truth), ``per_class`` retrieved and
-    ``per_class`` synthetic images. Each input is ``[C, >= k, 3, H, W]``-like: a list per class."""
+    """Their Fig. 3 analog: per class (rows) one target train image (ground truth), then ``per_class``
+    images of each source (``retrieved``, ``synthetic``, ...), the first of each class."""
     import matplotlib.pyplot as plt
 
-    C = len(class_names)
-    ncol = 1 + 2 * per_class + 2
+    C, S = len(class_names), len(sources)
+    ncol = 1 + S * (per_class + 1)
     fig, axes = plt.subplots(C, ncol, figsize=(size * ncol, size * C + 0.5), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for c in range(C):
-        blocks = [(0, target[c][:1]), (2, retrieved[c][:per_class]), (3 + per_class, synthetic[c][:per_class])]
+        tgt = target_x[torch.as_tensor(target_y) == c][:1]
+        blocks = [(0, tgt)] + [(2 + j * (per_class + 1), src.images[src.per_class[c][:per_class]])
+                               for j, src in enumerate(sources) if c < len(src.per_class)]
         for start, imgs in blocks:
             for j, img in enumerate(imgs):
                 axes[c, start + j].imshow(img.permute(1, 2, 0).numpy(), interpolation="nearest")
         axes[c, 0].text(-0.1, 0.5, str(class_names[c]), ha="right", va="center", fontsize=7,
                         transform=axes[c, 0].transAxes)
     axes[0, 0].set_title("target", fontsize=7)
-    axes[0, 2].set_title("retrieved (real, upstream pool)", fontsize=7, loc="left")
-    axes[0, 3 + per_class].set_title("synthetic (base model)", fontsize=7, loc="left")
+    for j, src in enumerate(sources):
+        axes[0, 2 + j * (per_class + 1)].set_title(src.label, fontsize=6, loc="left")
     fig.subplots_adjust(left=0.1, right=0.99, top=0.9, bottom=0.02, wspace=0.05, hspace=0.05)
     return fig
 
@@ -805,9 +826,7 @@ def pool_style_captions(rows: Sequence[dict], class_names: Sequence[str], seed: 
     """id -> a web-style caption naming the row's own class (the pool's caption templates and noise
     words, ``miniature.web_captions`` with no wrong / missing class word): the prompts of the base model,
     as Geng et al. prompt SD with LAION-style captions of the class."""
-    from . import miniature as mini
-
-    caps = mini.web_captions([f"geng/{r['id']}" for r in rows], [int(r["label"]) for r in rows], class_names,
+    caps = _pool_module().web_captions([f"geng/{r['id']}" for r in rows], [int(r["label"]) for r in rows], class_names,
                              seed, wrong_rate=0.0, missing_rate=0.0, noise_rate=noise_rate, style_rate=0.0)
     return {str(r["id"]): c["caption"] for r, c in zip(rows, caps)}
 
@@ -815,21 +834,22 @@ def pool_style_captions(rows: Sequence[dict], class_names: Sequence[str], seed: 
 def synthesize_base_t2i(set_dir: str | Path, base_model: str | Path, manifest: str | Path,
                         class_names: Sequence[str], total_needed: int, seed: int = 0,
                         num_inference_steps: int = 30, guidance_scale: float = 2.0, image_size: int = 16,
-                        batch_size: int = 64, device: str = "auto") -> list[list[int]]:
+                        batch_size: int = 64, device: str = "auto") -> tuple[Path, list[list[int]]]:
     """Generate (resumably, through ``synthesize.synthesize``) at least ``total_needed`` images with the
     vanilla base model (row ``base-novg-t2i``: no LoRA, no guidance token, txt2img, CFG
     ``guidance_scale`` 2.0 as Geng et al.): ``k = ceil(total_needed / n_train)`` rounds over the train
-    split (per class as in the split), prompts ``photo of <class>, <pool-style caption>``.
-    Returns per-class index lists into ``synthesize.synthetic_rows(set_dir)``."""
+    split (per class as in the split), prompts ``photo of <class>, <pool-style caption>``, into
+    ``<set_dir>/k<k>`` (a larger k later reuses the smaller set's images, as 03's sets do).
+    Returns the set folder and per-class index lists into ``synthesize.synthetic_rows(folder)``."""
     import math
 
     from . import data
     from . import synthesize as syn
 
-    set_dir = Path(set_dir)
     train = data.read_manifest(manifest, "train")
     k = max(1, math.ceil(total_needed / max(len(train), 1)))
-    cap_path = set_dir / "pool_style_captions.json"
+    set_dir = Path(set_dir) / f"k{k}"
+    cap_path = set_dir.parent / "pool_style_captions.json"
     set_dir.mkdir(parents=True, exist_ok=True)
     if not cap_path.exists():
         from .rundir import write_json
@@ -839,7 +859,7 @@ def synthesize_base_t2i(set_dir: str | Path, base_model: str | Path, manifest: s
     syn.synthesize(set_dir, st, k, source_manifest=manifest, captions=cap_path, batch_size=batch_size,
                    device=device, progress=False)
     rows = syn.synthetic_rows(set_dir)
-    return [[i for i, r in enumerate(rows) if r["label"] == c] for c in range(len(class_names))]
+    return set_dir, [[i for i, r in enumerate(rows) if r["label"] == c] for c in range(len(class_names))]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -912,9 +932,9 @@ def generated_source(set_dir: str | Path, base_model: str | Path, manifest: str 
     from . import data
     from . import synthesize as syn
 
-    per_class = synthesize_base_t2i(set_dir, base_model, manifest, class_names, total, seed, num_inference_steps,
-                                    image_size=image_size, device=device)
-    images = data.load_images(syn.synthetic_rows(set_dir), image_size)
+    folder, per_class = synthesize_base_t2i(set_dir, base_model, manifest, class_names, total, seed,
+                                            num_inference_steps, image_size=image_size, device=device)
+    images = data.load_images(syn.synthetic_rows(folder), image_size)
     return AdaptSource("synthetic", "synthetic: base model txt2img, pool-style prompts (generated here)", images,
                        per_class, fingerprint(images))
 

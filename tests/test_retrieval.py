@@ -295,3 +295,24 @@ def test_claim_per_size_across_sizes_and_beyond_the_maximum(tmp_path):
     matplotlib.use("Agg")
     fig = retrieval.plot_sweep(back)
     assert len(fig.axes) == 2
+
+
+def test_load_pool_reads_01s_pool_index_or_the_manifest_captions(tmp_path):
+    art = tmp_path / "artifacts"
+    (art / "data" / "pool").mkdir(parents=True)
+    for i, colour in enumerate([(200, 0, 0), (0, 0, 200)]):
+        Image.new("RGB", (8, 8), colour).save(art / "data" / "pool" / f"p{i}.png")
+    (art / "data" / "pool" / "captions.jsonl").write_text(
+        json.dumps({"file": "p0.png", "caption": "red one", "class_name": "one"}) + "\n"
+        + json.dumps({"file": "p1.png", "caption": "blue two", "label": 1}) + "\n")
+    pool = retrieval.load_pool(art, ["one", "two"], 8)
+    assert pool.captions == ["red one", "blue two"] and pool.labels == [0, 1] and pool.source["kind"] == "index"
+    assert pool.images.shape == (2, 3, 8, 8) and int(pool.images[0, 0].float().mean()) == 200
+    import shutil
+    shutil.rmtree(art / "data" / "pool")
+    (art / "data" / "manifest.csv").write_text(
+        "id,path,index,label,class_name,split,caption\n"
+        f"a,{tmp_path / 'x.png'},-1,1,two,pool,photo of two\nb,,0,0,one,train,\n")
+    Image.new("RGB", (8, 8), (0, 200, 0)).save(tmp_path / "x.png")
+    pool = retrieval.load_pool(art, ["one", "two"], 8)
+    assert (pool.ids, pool.captions, pool.labels, pool.source["kind"]) == (["a"], ["photo of two"], [1], "manifest")
