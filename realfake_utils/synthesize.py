@@ -70,7 +70,7 @@ from typing import Any, ClassVar, Iterable, Mapping, Optional, Sequence
 
 from .data import image_set_rows, read_image_set, write_image_set
 from .finetune_config import parse_variant, variant_name
-from .records import Record
+from .records import Record, RecordError
 from .rundir import (atomic_path, content_hash, file_sha256, is_done, mark_done, read_json, tree_sha256,
                      unit_finished, write_json)
 
@@ -787,27 +787,26 @@ class SynthesisConfig:
 
 def trained_variants(run: Any) -> dict[str, dict[str, Any]]:
     """The LoRA variants 02 trained: ``{variant: {"dir": Path, "guidance_token_position": str}}``, from
-    02's record (``finetune.FinetuneRecord``) or, without one, the finished folders
-    ``artifacts/lora/<variant>/`` (weights + ``train_config.json``)."""
+    02's record (``finetune.FinetuneRecord``: ``variants`` and ``config_of``) or, when there is none (or
+    one of an older kit), the finished folders ``artifacts/lora/<variant>/`` (weights +
+    ``train_config.json``)."""
+    from .finetune import FinetuneRecord
+
     root = Path(getattr(run, "root", run))
     out: dict[str, dict[str, Any]] = {}
-    try:
-        from .finetune import FinetuneRecord
-    except ImportError:
-        FinetuneRecord = None
-    if FinetuneRecord is not None and FinetuneRecord.exists(root):
-        rec = FinetuneRecord.load(root)
-        recorded = getattr(rec, "variants", [])   # FinetuneRecord.variants: {name: VariantResult}
-        for v in (recorded.values() if isinstance(recorded, dict) else recorded):
-            name = getattr(v, "variant", "") or getattr(v, "name", "")
-            rel = getattr(v, "path", "") or getattr(v, "folder", "") or getattr(v, "lora_dir", "")
-            cfg = getattr(v, "config", None) or (rec.config_of(name) if hasattr(rec, "config_of") else {})
-            folder = root / rel if rel and not os.path.isabs(rel) else Path(rel or root / "artifacts" / "lora" / name)
+    rec = None
+    if FinetuneRecord.exists(root):
+        try:
+            rec = FinetuneRecord.load(root)
+        except RecordError as err:   # an older 02 result: the folders below still say what was trained
+            print(f"note: {err}; reading the trained LoRA variants from {root / 'artifacts' / 'lora'}")
+    if rec is not None:
+        for name, v in rec.variants.items():
+            folder = root / v.path
             if lora_file(folder).exists():
-                out[name] = {"dir": folder,
-                             "guidance_token_position": dict(cfg).get("guidance_token_position", "replace_last")}
-        if out:
-            return out
+                pos = rec.config_of(name, root).get("guidance_token_position", "replace_last")
+                out[name] = {"dir": folder, "guidance_token_position": pos}
+        return out
     for tc in sorted((root / "artifacts" / "lora").glob("*/train_config.json")):
         if lora_file(tc.parent).exists():
             cfg = read_json(tc).get("config", {})
