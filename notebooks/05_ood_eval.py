@@ -84,7 +84,7 @@ variants, folders, clean = ood.build_ood_sets(
            "imagenet-r": imagenet_r_root, "imagenet-a": imagenet_a_root})
 print(ood.describe_sets(variants, folders))
 if variants:
-    run.save_figure(ood.variants_figure(clean, variants), "05_ood_variants")
+    figure = run.save_figure(ood.variants_figure(clean, variants), "05_ood_variants")
 
 # %% [markdown]
 # Evaluate every classifier: top-1 / top-5 on the clean test split and each OOD set (restricted where
@@ -113,7 +113,7 @@ for name, gap in ood.restriction_gaps(record).items():
 
 # %%
 if any(ln.source == record.default_set for ln in record.summary_top1):
-    run.save_figure(ood.plot_ood_vs_k(record), "05_ood_vs_k")
+    figure = run.save_figure(ood.plot_ood_vs_k(record), "05_ood_vs_k")
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -124,4 +124,4 @@ assert all(gap >= -1e-9 for gap in ood.restriction_gaps(record).values())  # res
 print("every classifier evaluated on", len(record.ood_sets), "sets; restriction never lowers top-1: True")
 
 # %%
-record.save(run)
+saved = record.save(run)

@@ -119,7 +119,7 @@ if record.leave_one_out:
 # ## Fig. 3 analog: ROC curves on log-log axes
 
 # %%
-run.save_figure(lira.plot_fig3(record), "06_lira_roc")
+figure = run.save_figure(lira.plot_fig3(record), "06_lira_roc")
 
 # %% [markdown]
 # ## TPR at 0.1% FPR (online attack), side by side with the paper
@@ -135,4 +135,4 @@ assert record.synthetic.ran == bool(record.by_target("synthetic"))
 print(f"{n_shadow} shadow models, each example in exactly {n_shadow // 2}: ok")
 
 # %%
-record.save(run)
+saved = record.save(run)
