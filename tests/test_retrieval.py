@@ -316,3 +316,47 @@ def test_load_pool_reads_01s_pool_index_or_the_manifest_captions(tmp_path):
     Image.new("RGB", (8, 8), (0, 200, 0)).save(tmp_path / "x.png")
     pool = retrieval.load_pool(art, ["one", "two"], 8)
     assert (pool.ids, pool.captions, pool.labels, pool.source["kind"]) == (["a"], ["photo of two"], [1], "manifest")
+
+
+def _fill(cls, **given):
+    """An instance of a record dataclass with ``given`` fields and neutral values for the other required ones."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    kw = {}
+    for f in dataclasses.fields(cls):
+        if f.name in given or f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+            continue
+        t = typing.get_origin(hints[f.name]) or hints[f.name]
+        kw[f.name] = {str: "", int: 0, float: 0.0, bool: False, dict: {}, list: []}.get(t)
+    return cls(**{**kw, **given})
+
+
+def test_sweep_sources_read_03s_record(tmp_path):
+    from realfake_utils import sscd
+    from realfake_utils import synthesize as syn
+
+    images = torch.arange(6 * 3 * 4 * 4, dtype=torch.int64).reshape(6, 3, 4, 4).remainder(255).to(torch.uint8)
+    art = tmp_path / "artifacts" / "synthetic"
+    sets = []
+    for name, row, k, s in (("base-novg-t2i", "base-novg-t2i", 1, 0), ("base-novg-t2i", "base-novg-t2i", 1, 1),
+                            ("lora-dm-vg-lp", "lora-dm-vg-lp", 1, 0), ("lora-dm-vg-lp", "lora-dm-vg-lp", 2, 0)):
+        d = art / name / f"k{k}" / f"s{s}"
+        retrieval.write_image_set(d, images, [[0, 1], [2, 3, 4]], ["a", "b"], [f"i{i}" for i in range(6)], tag="t")
+        sets.append(_fill(syn.SyntheticSet, name=name, table2_row=row, k=k, synthesis_seed=s, size=5,
+                          path=str(d.relative_to(tmp_path)), complete=True))
+    _fill(syn.SynthesisRecord, sets=sets, default_row="lora-dm-vg-lp").save(tmp_path)
+    src = retrieval.synthetic_source(tmp_path, "base-novg-t2i", 4, "synthetic", "syn")
+    assert [len(p) for p in src.per_class] == [4, 6] and src.images.shape == (10, 3, 4, 4)
+    full = retrieval.synthetic_source(tmp_path, "lora-dm-vg-lp", 4, "realfake", "rf", max_k=1)
+    assert [len(p) for p in full.per_class] == [2, 3]
+    assert retrieval.default_set_dir(tmp_path) == art / "lora-dm-vg-lp" / "k1" / "s0"
+    found, main = sscd.synthetic_sets(tmp_path, 4)
+    assert main == "lora-dm-vg-lp/k1" and set(found) == {"base-novg-t2i/k1", "base-novg-t2i/k1/s1",
+                                                         "lora-dm-vg-lp/k1", "lora-dm-vg-lp/k2"}
+    pool = retrieval.Pool([f"p{i}" for i in range(6)], images, [""] * 6, [0, 0, 1, 1, 1, 0], {})
+    sources, sizes = retrieval.sweep_sources(tmp_path, pool, [[0, 1], [2, 3]], "caption",
+                                             {"retrieved": [2, 4], "synthetic": [2, 4, 8, 12]}, ["a", "b"], 4)
+    assert [s.name for s in sources] == ["retrieved", "synthetic", "realfake"]
+    assert sizes == {"retrieved": [2, 4], "synthetic": [2, 4, 8], "realfake": [2, 4]}
