@@ -170,7 +170,7 @@ cfg = clip_adapt.AdaptConfig(adapt_lr, adapt_batch_size, adapt_epochs, adapt_wei
 off = clip_adapt.evaluate(model, head, (train_x, train_y), (test_x, test_y), lp_C)
 print(f"off-the-shelf CLIP: ZS {off['zero_shot']:.1f}, LP {off['linear_probe']:.1f}; sizes {sizes}")
 points = retrieval.run_sweep(art / "clip_adapt", model, head, sources, sizes, seeds, (train_x, train_y),
-                             (test_x, test_y), cfg)
+                             (test_x, test_y), cfg, device=device)
 
 # %%
 record = retrieval.RetrievalRecord(

@@ -91,7 +91,7 @@ def encode_images(model, images: torch.Tensor, batch_size: int = 256, grad: bool
         for s in range(0, len(images), batch_size):
             px = pixel_values(model, images[s:s + batch_size]).to(dev)
             out.append(F.normalize(_features(model.get_image_features(pixel_values=px)).float(), dim=-1))
-    return torch.cat(out) if out else torch.zeros(0)
+    return torch.cat(out).cpu() if out else torch.zeros(0)
 
 
 @torch.no_grad()
@@ -168,8 +168,16 @@ def lr_at(step: int, total: int, config: AdaptConfig) -> float:
     return 0.5 * (1 + math.cos(math.pi * e / es)) * config.lr
 
 
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto``: CUDA when available, else CPU."""
+    if isinstance(device, torch.device):
+        return device
+    return torch.device("cuda" if (device or "auto") == "auto" and torch.cuda.is_available()
+                        else "cpu" if (device or "auto") == "auto" else device)
+
+
 def adapt(model, head: torch.Tensor, images: torch.Tensor, labels, config: AdaptConfig = MINIATURE,
-          seed: int = 0, device: str = "cpu") -> tuple[Any, list[float]]:
+          seed: int = 0, device: str | torch.device = "cpu") -> tuple[Any, list[float]]:
     """End-to-end cross-entropy fine-tuning of a copy of ``model``'s image encoder (vision tower and
     projection) with the zero-shot ``head`` on top (logits = logit_scale * cos); returns the adapted
     CLIPModel (text tower untouched) and the per-step losses."""
@@ -178,6 +186,7 @@ def adapt(model, head: torch.Tensor, images: torch.Tensor, labels, config: Adapt
         raise ValueError(f"adapt needs images and labels of one non-zero length, got {len(images)} / {len(labels)}")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
+    device = resolve_device(device)
     m = copy.deepcopy(model).to(device).train()
     params = list(m.vision_model.parameters()) + list(m.visual_projection.parameters())
     for p in m.parameters():
@@ -192,7 +201,6 @@ def adapt(model, head: torch.Tensor, images: torch.Tensor, labels, config: Adapt
     bs = min(config.batch_size, len(images))
     steps_per_epoch = math.ceil(len(images) / bs)
     total = steps_per_epoch * config.epochs
-    px_all = pixel_values(m, images)
     losses, step = [], 0
     for _ in range(config.epochs):
         order = torch.randperm(len(images), generator=gen)
@@ -200,7 +208,8 @@ def adapt(model, head: torch.Tensor, images: torch.Tensor, labels, config: Adapt
             idx = order[s:s + bs]
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, config)
-            feats = F.normalize(_features(m.get_image_features(pixel_values=px_all[idx].to(device))), dim=-1)
+            px = pixel_values(m, images[idx]).to(device)   # per batch: a paper-size set does not fit at 224 px
+            feats = F.normalize(_features(m.get_image_features(pixel_values=px)), dim=-1)
             loss = F.cross_entropy(scale * feats @ F.normalize(w, dim=-1).T, labels[idx].to(device))
             opt.zero_grad()
             loss.backward()
@@ -223,14 +232,15 @@ def evaluate(model, head: torch.Tensor, probe_train: tuple[torch.Tensor, Any],
 
 def adapt_unit(out_dir: str | Path, model, head: torch.Tensor, images: torch.Tensor, labels,
                probe_train: tuple[torch.Tensor, Any], test: tuple[torch.Tensor, Any],
-               config: AdaptConfig, seed: int, key_extra: dict[str, Any]) -> dict[str, Any]:
+               config: AdaptConfig, seed: int, key_extra: dict[str, Any],
+               device: str | torch.device = "cpu") -> dict[str, Any]:
     """One adapted model as a finished unit: reuse ``out_dir`` if its marker holds this key (content of
     the adaptation set via ``key_extra``, config, seed), else adapt, evaluate, write ``metrics.json``
     and mark it done. Returns the metrics (``zero_shot``, ``linear_probe``, ``n``, ``final_loss``)."""
     key = content_hash({"config": config.to_dict(), "seed": seed, **key_extra})
     if is_done(out_dir, key):
         return done_info(out_dir)
-    adapted, losses = adapt(model, head, images, labels, config, seed)
+    adapted, losses = adapt(model, head, images, labels, config, seed, device)
     metrics = {**evaluate(adapted, head, probe_train, test, config.lp_C), "n": int(len(images)),
                "seed": int(seed), "final_loss": float(np.mean(losses[-5:])) if losses else None}
     write_json(Path(out_dir) / "metrics.json", metrics)
@@ -239,5 +249,5 @@ def adapt_unit(out_dir: str | Path, model, head: torch.Tensor, images: torch.Ten
 
 
 __all__ = ["AdaptConfig", "CLIP_TEMPLATES", "MINIATURE", "MINIATURE_TEMPLATES", "PAPER", "accuracy", "adapt",
-           "adapt_unit", "encode_images", "evaluate", "linear_probe", "load_clip", "lr_at", "pixel_values",
+           "adapt_unit", "encode_images", "resolve_device", "evaluate", "linear_probe", "load_clip", "lr_at", "pixel_values",
            "zero_shot_accuracy", "zero_shot_head"]

@@ -624,7 +624,7 @@ class SweepPoint:
 
 def run_sweep(out_root: str | Path, model, head: torch.Tensor, sources: Sequence[AdaptSource],
               sizes: dict[str, Sequence[int]], seeds: Sequence[int], probe_train: tuple, test: tuple,
-              config, log=print) -> list[SweepPoint]:
+              config, log=print, device: str = "cpu") -> list[SweepPoint]:
     """Adapt CLIP (``clip_adapt.adapt_unit``, each model a finished unit under
     ``out_root/<source>__n<size>__s<seed>``, reused on resume) for every source, size and seed."""
     from . import clip_adapt
@@ -638,7 +638,7 @@ def run_sweep(out_root: str | Path, model, head: torch.Tensor, sources: Sequence
                 labels = [c for c, p in enumerate(pick) for _ in p]
                 m = clip_adapt.adapt_unit(Path(out_root) / f"{src.name}__n{size}__s{seed}", model, head,
                                           src.images[idx], labels, probe_train, test, config, seed,
-                                          {"source": src.fingerprint, "picks": pick})
+                                          {"source": src.fingerprint, "picks": pick}, device)
                 points.append(SweepPoint(src.name, int(size), int(seed), float(m["zero_shot"]),
                                          float(m["linear_probe"])))
             done = [p for p in points if p.source == src.name and p.size == size]
