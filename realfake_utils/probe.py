@@ -1,0 +1,162 @@
+"""Checks that a generator learned the target: the sample probe, MMD² against the real noise floor,
+and the synthetic-only accuracy of the capacity oracle.
+
+- :func:`sample_prompts`: class-prompted samples (``photo of [classname]``) through the stock pipeline;
+- :func:`probe_accuracy` / :func:`feature_probe_accuracy` (the **sample probe**): a classifier trained on
+  REAL target-train images (pixels with the luminance standardised per image, or CLIP features) labels
+  generated samples; the fraction it labels as the prompted class (issue goal: >= 90 % after fine-tuning);
+- :func:`mmd_report`: MMD² (Gaussian kernel, median bandwidth, unbiased; ``losses.mmd2``) of samples to
+  the target train set in CLIP space, beside the noise floor train-vs-test (two real samples of the
+  target) and their ratio (goal: within 3x of the floor);
+- :func:`synthetic_only_check`: the kit's classifier recipe (``classify.train_classifier``, the one
+  ``04_train_classifier`` uses) trained once on real train images and once on generated ones, both
+  tested on the real test split (Table 1's "real" vs "synthetic only" in miniature).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+
+def sample_prompts(pipe, class_names: Sequence[str], n_per_class: int | Sequence[int],
+                   guidance_scale: float = 2.0, num_inference_steps: int = 20, seed: int = 0,
+                   batch_size: int = 100, negative_prompt: str | None = None,
+                   **pipe_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images from prompts ``photo of <class>`` (stock pipeline call): ``n_per_class`` per class (an int
+    or one count per class, e.g. the train split's, for 1x). Returns ``(uint8 [N,3,H,W], labels [N])``."""
+    from .features import build_prompt
+
+    counts = [int(n_per_class)] * len(class_names) if np.isscalar(n_per_class) else [int(c) for c in n_per_class]
+    labels = [c for c, n in enumerate(counts) for _ in range(n)]
+    out = []
+    for s in range(0, len(labels), batch_size):
+        lab = labels[s:s + batch_size]
+        g = torch.Generator().manual_seed(int(seed) * 100_003 + s)
+        kw = {} if negative_prompt is None else {"negative_prompt": [negative_prompt] * len(lab)}
+        with torch.no_grad():
+            res = pipe(prompt=[build_prompt(class_names[c]) for c in lab], guidance_scale=guidance_scale,
+                       num_inference_steps=num_inference_steps, generator=g, output_type="np", **kw,
+                       **pipe_kwargs)
+        out.append(torch.from_numpy((np.clip(res.images, 0, 1) * 255).round().astype(np.uint8))
+                   .permute(0, 3, 1, 2))
+    return torch.cat(out), torch.tensor(labels)
+
+
+def probe_features(images: torch.Tensor, normalize_style: bool = True, max_size: int = 16) -> np.ndarray:
+    """Pixel features for the probe (images average-pooled to at most ``max_size``): with
+    ``normalize_style``, the luminance of each image standardised to zero mean and unit variance
+    (blind to tint and contrast, so the probe measures the class content); else raw RGB in [0, 1]."""
+    import torch.nn.functional as F
+
+    x = images.float() / 255.0
+    if x.shape[-1] > max_size:
+        x = F.adaptive_avg_pool2d(x, max_size)
+    if normalize_style:
+        x = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).flatten(1)
+        x = (x - x.mean(1, keepdim=True)) / (x.std(1, keepdim=True) + 1e-6)
+    return x.flatten(1).numpy()
+
+
+def _probe_model(kind: str, seed: int):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.svm import SVC
+
+    if kind == "svm":
+        return SVC(C=10.0, gamma="scale", random_state=seed)
+    if kind == "logistic":
+        return LogisticRegression(max_iter=2000, C=0.5, random_state=seed)
+    raise ValueError(f"probe model must be 'svm' or 'logistic', got {kind!r}")
+
+
+def probe_accuracy(train_images: torch.Tensor, train_labels, eval_sets: dict[str, tuple],
+                   normalize_style: bool = True, seed: int = 0, model: str = "svm") -> dict[str, float]:
+    """The sample probe on pixels: a classifier (RBF ``svm`` or ``logistic`` regression) fitted on real
+    target-train images (:func:`probe_features`); its accuracy on each ``name: (images, labels)`` of
+    ``eval_sets`` (generated samples with their prompted class; the real test set is its ceiling)."""
+    clf = _probe_model(model, seed)
+    clf.fit(probe_features(train_images, normalize_style), np.asarray(train_labels))
+    return {k: float((clf.predict(probe_features(x, normalize_style)) == np.asarray(y)).mean())
+            for k, (x, y) in eval_sets.items()}
+
+
+def feature_probe_accuracy(train_feats: torch.Tensor, train_labels, eval_sets: dict[str, tuple],
+                           seed: int = 0) -> dict[str, float]:
+    """The sample probe on (standardised) CLIP features of the real target train set (logistic
+    regression), accuracy on each ``name: (features, labels)`` (for data sets whose class is in the
+    colours, such as EuroSAT, where a luminance probe is blind)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=0.5, random_state=seed))
+    clf.fit(np.asarray(train_feats, dtype=np.float64), np.asarray(train_labels))
+    return {k: float((clf.predict(np.asarray(x, dtype=np.float64)) == np.asarray(y)).mean())
+            for k, (x, y) in eval_sets.items()}
+
+
+def mmd2(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Unbiased squared MMD, Gaussian kernel with the median heuristic (``losses.mmd2``)."""
+    from .losses import mmd2 as _mmd2
+
+    return float(_mmd2(x, y, kernel="gaussian", unbiased=True))
+
+
+def mmd_report(sample_feats: torch.Tensor, train_feats: torch.Tensor, test_feats: torch.Tensor) -> dict[str, float]:
+    """MMD² of samples to the target train set in CLIP space beside the real noise floor (the real test
+    set vs the train set), with one Gaussian bandwidth for both (the median pairwise distance of the
+    train features). ``mmd2_vs_train`` / ``noise_floor``: unbiased (U-statistic; the floor is ~0 and can
+    be negative); ``ratio``: of the biased (V-statistic, always > 0) estimates, samples / floor, the
+    number the goal "within 3x of the real-test noise floor" is read on."""
+    from .losses import mmd2 as _mmd2
+
+    t = torch.as_tensor(train_feats, dtype=torch.float64)
+    bw = float(torch.cdist(t, t).flatten().median()) or 1.0
+    kw = dict(kernel="gaussian", bandwidth=bw)
+    m = float(_mmd2(sample_feats, train_feats, unbiased=True, **kw))
+    floor = float(_mmd2(test_feats, train_feats, unbiased=True, **kw))
+    vm = float(_mmd2(sample_feats, train_feats, unbiased=False, **kw))
+    vfloor = float(_mmd2(test_feats, train_feats, unbiased=False, **kw))
+    return {"mmd2_vs_train": m, "noise_floor": floor, "biased_vs_train": vm, "biased_noise_floor": vfloor,
+            "ratio": vm / max(vfloor, 1e-12), "bandwidth": bw}
+
+
+class TensorImages(torch.utils.data.Dataset):
+    """uint8 ``[N,3,H,W]`` images with labels as a dataset of ``(PIL image, label)`` (what
+    ``classify.train_classifier`` reads)."""
+
+    def __init__(self, images: torch.Tensor, labels):
+        self.images, self.labels = images, [int(v) for v in labels]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        return Image.fromarray(self.images[i].permute(1, 2, 0).numpy()), self.labels[i]
+
+
+def synthetic_only_check(out_dir: str | os.PathLike, real: tuple, synthetic: tuple, test: tuple,
+                         num_classes: int, recipe: str = "miniature", image_size: int | None = None,
+                         seed: int = 0, device: str = "auto") -> dict[str, Any]:
+    """Real vs synthetic-only top-1 on the real test set with the kit's classifier recipe (the one 04
+    uses), one classifier each (``(images, labels)`` tuples). Returns ``{"real", "synthetic", "gap"}`` in
+    %; the classifiers are kept under ``out_dir`` (a rerun reuses them)."""
+    from .classify import load_recipe, train_classifier
+
+    rec = load_recipe(recipe, image_size=image_size)
+    test_set = TensorImages(*test)
+    acc = {}
+    for name, (x, y) in {"real": real, "synthetic": synthetic}.items():
+        m = train_classifier(Path(out_dir) / name, TensorImages(x, y), test_set, num_classes, rec, seed=seed,
+                             device=device, info={"source": name})
+        acc[name] = 100.0 * float(m["top1"])  # top1 is a fraction
+    return {**acc, "gap": acc["real"] - acc["synthetic"]}
+
+
+__all__ = ["TensorImages", "feature_probe_accuracy", "mmd2", "mmd_report", "probe_accuracy", "probe_features",
+           "sample_prompts", "synthetic_only_check"]
