@@ -280,32 +280,80 @@ class Interval:
     n_bootstrap: int = 0
 
 
-def bootstrap_intervals(scores: np.ndarray, is_member: np.ndarray, n_bootstrap: int = 1000, seed: int = 0,
-                        fprs: Sequence[float] = DEFAULT_FPRS, confidence: float = 0.95,
-                        chunk: int = 200) -> dict[str, Interval]:
-    """Seeded, stratified bootstrap over examples of the AUC and the TPR at each of ``fprs``:
-    {"auc": Interval, "tpr_at_1pct_fpr": Interval, ...}. ``n_bootstrap = 0`` gives (nan, nan)."""
-    scores, y = _check_labels(scores, is_member)
-    pos, neg = scores[y], scores[~y]
+def _bootstrap_draws(scores: Sequence[np.ndarray], is_member: np.ndarray, n_bootstrap: int, seed: int,
+                     fprs: Sequence[float], chunk: int = 200) -> list[dict[str, np.ndarray]]:
+    """Metric values on ``n_bootstrap`` stratified resamples of the examples (members and non-members
+    resampled separately, so both counts stay fixed); the SAME resampled examples for every score
+    vector of ``scores`` (paired: differences between targets keep their correlation)."""
+    checked = [_check_labels(s, is_member) for s in scores]
+    y = checked[0][1]
+    pos_idx, neg_idx = np.flatnonzero(y), np.flatnonzero(~y)
     keys = ["auc"] + [f"tpr_at_{_fmt_fpr(f)}_fpr" for f in fprs]
-    if n_bootstrap <= 0:
-        return {k: Interval(float("nan"), float("nan"), confidence, 0) for k in keys}
+    out: list[dict[str, list]] = [{k: [] for k in keys} for _ in scores]
     rng = np.random.default_rng(seed)
-    vals: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     for start in range(0, n_bootstrap, chunk):
         b = min(chunk, n_bootstrap - start)
-        bp = pos[rng.integers(0, len(pos), size=(b, len(pos)))]
-        bn = neg[rng.integers(0, len(neg), size=(b, len(neg)))]
-        lab = np.concatenate([np.ones_like(bp, dtype=bool), np.zeros_like(bn, dtype=bool)], 1)
-        vals["auc"].append(fast_auc(np.concatenate([bp, bn], 1), lab))
-        for f, k in zip(fprs, keys[1:]):
-            vals[k].append(fast_tpr_at_fpr(bp, bn, f))
+        ip = pos_idx[rng.integers(0, len(pos_idx), size=(b, len(pos_idx)))]
+        ineg = neg_idx[rng.integers(0, len(neg_idx), size=(b, len(neg_idx)))]
+        lab = np.concatenate([np.ones(ip.shape, dtype=bool), np.zeros(ineg.shape, dtype=bool)], 1)
+        for (sc, _), vals in zip(checked, out):
+            bp, bn = sc[ip], sc[ineg]
+            vals["auc"].append(fast_auc(np.concatenate([bp, bn], 1), lab))
+            for f, k in zip(fprs, keys[1:]):
+                vals[k].append(fast_tpr_at_fpr(bp, bn, f))
+    return [{k: np.concatenate(v) for k, v in vals.items()} for vals in out]
+
+
+def _interval(draws: np.ndarray, confidence: float, n: int) -> Interval:
     a = (1 - confidence) / 2
-    out = {}
-    for k, v in vals.items():
-        lo, hi = np.quantile(np.concatenate(v), [a, 1 - a])
-        out[k] = Interval(float(lo), float(hi), confidence, int(n_bootstrap))
-    return out
+    lo, hi = np.quantile(draws, [a, 1 - a])
+    return Interval(float(lo), float(hi), confidence, int(n))
+
+
+def bootstrap_intervals(scores: np.ndarray, is_member: np.ndarray, n_bootstrap: int = 1000, seed: int = 0,
+                        fprs: Sequence[float] = DEFAULT_FPRS, confidence: float = 0.95) -> dict[str, Interval]:
+    """Seeded, stratified percentile bootstrap over examples of the AUC and the TPR at each of ``fprs``:
+    {"auc": Interval, "tpr_at_1pct_fpr": Interval, ...}. ``n_bootstrap = 0`` gives (nan, nan)."""
+    keys = ["auc"] + [f"tpr_at_{_fmt_fpr(f)}_fpr" for f in fprs]
+    if n_bootstrap <= 0:
+        _check_labels(scores, is_member)
+        return {k: Interval(float("nan"), float("nan"), confidence, 0) for k in keys}
+    (draws,) = _bootstrap_draws([scores], is_member, n_bootstrap, seed, fprs)
+    return {k: _interval(draws[k], confidence, n_bootstrap) for k in keys}
+
+
+@dataclass
+class Difference:
+    """``b - a`` of one attack's metrics between two targets on the same examples (Sec. 4.5's
+    comparison: ``a`` = real-trained, ``b`` = synthetic-trained), with paired bootstrap intervals (the
+    same resampled examples for both targets). An interval entirely below 0: ``b`` leaks less."""
+
+    attack: str
+    a: str
+    b: str
+    auc: float
+    tpr_at_0p1pct_fpr: float
+    tpr_at_1pct_fpr: float
+    auc_interval: Interval
+    tpr_at_0p1pct_fpr_interval: Interval
+    tpr_at_1pct_fpr_interval: Interval
+
+
+def paired_difference(attack: str, a: Attack, b: Attack, scores_a: np.ndarray, scores_b: np.ndarray,
+                      is_member: np.ndarray, n_bootstrap: int = 1000, seed: int = 0,
+                      confidence: float = 0.95) -> Difference:
+    """:class:`Difference` of attack ``attack`` between targets ``a`` and ``b`` (their attack scores on
+    the same private examples), paired bootstrap over examples."""
+    nan = Interval(float("nan"), float("nan"), confidence, 0)
+    ci = {"auc": nan, "tpr_at_0.1pct_fpr": nan, "tpr_at_1pct_fpr": nan}
+    if n_bootstrap > 0:
+        da, db = _bootstrap_draws([scores_a, scores_b], is_member, n_bootstrap, seed, DEFAULT_FPRS)
+        ci = {k: _interval(db[k] - da[k], confidence, n_bootstrap) for k in ci}
+    return Difference(attack=attack, a=a.target, b=b.target, auc=b.auc - a.auc,
+                      tpr_at_0p1pct_fpr=b.tpr_at_0p1pct_fpr - a.tpr_at_0p1pct_fpr,
+                      tpr_at_1pct_fpr=b.tpr_at_1pct_fpr - a.tpr_at_1pct_fpr, auc_interval=ci["auc"],
+                      tpr_at_0p1pct_fpr_interval=ci["tpr_at_0.1pct_fpr"],
+                      tpr_at_1pct_fpr_interval=ci["tpr_at_1pct_fpr"])
 
 
 def subsample_roc(fpr: np.ndarray, tpr: np.ndarray, max_points: int = 500) -> tuple[list[float], list[float]]:
@@ -367,15 +415,20 @@ def evaluate_attack(target: str, attack: str, scores: np.ndarray, is_member: np.
                   tpr_at_1pct_fpr_interval=ci["tpr_at_1pct_fpr"], fpr=fpr, tpr=tpr)
 
 
+def membership_scores(shadow_scores: np.ndarray, shadow_masks: np.ndarray,
+                      target_scores: np.ndarray) -> dict[str, np.ndarray]:
+    """{attack: membership score per example} for every attack of :data:`ATTACKS` and ``global``."""
+    out = {a: lira_scores(shadow_scores, shadow_masks, target_scores, a) for a in ATTACKS}
+    out["global"] = global_threshold_scores(target_scores)
+    return out
+
+
 def attack_target(target: str, shadow_scores: np.ndarray, shadow_masks: np.ndarray,
                   target_scores: np.ndarray, is_member: np.ndarray, n_bootstrap: int = 1000,
                   seed: int = 0, max_points: int = 500) -> list[Attack]:
     """Every attack of :data:`ATTACKS` and the global threshold against one target model's phi scores."""
-    out = [evaluate_attack(target, a, lira_scores(shadow_scores, shadow_masks, target_scores, a), is_member,
-                           n_bootstrap, seed, max_points) for a in ATTACKS]
-    out.append(evaluate_attack(target, "global", global_threshold_scores(target_scores), is_member,
-                               n_bootstrap, seed, max_points))
-    return out
+    return [evaluate_attack(target, a, sc, is_member, n_bootstrap, seed, max_points)
+            for a, sc in membership_scores(shadow_scores, shadow_masks, target_scores).items()]
 
 
 def format_attacks(attacks: Sequence[Attack]) -> str:
@@ -899,6 +952,7 @@ class LiraRecord(Record):
     attacks: list[Attack]
     synthetic: SyntheticInfo
     leave_one_out: Optional[Attack] = None
+    differences: list[Difference] = field(default_factory=list)   # synthetic - real, paired bootstrap
     paper_tpr_at_0p1pct_fpr: dict[str, float] = field(default_factory=dict)   # Fig. 3 caption
     shadow_folder: str = ""
 
@@ -908,6 +962,10 @@ class LiraRecord(Record):
     def find(self, target: str, attack: str = "online") -> Attack | None:
         return next((a for a in self.attacks if a.target == target and a.attack == attack), None)
 
+    def difference(self, attack: str = "online") -> Difference | None:
+        """Sec. 4.5's comparison for ``attack``: synthetic-trained minus real-trained (paired)."""
+        return next((d for d in self.differences if d.attack == attack), None)
+
 
 def build_record(private: PrivateData, shadows: ShadowModels, real_scores: np.ndarray,
                  synthetic: SyntheticTarget, recipe: dict[str, Any], n_bootstrap: int = 1000,
@@ -915,11 +973,16 @@ def build_record(private: PrivateData, shadows: ShadowModels, real_scores: np.nd
     """All attacks of Fig. 3 on both targets (+ Carlini et al.'s leave-one-out over the shadows) as a
     :class:`LiraRecord`; intervals from a bootstrap over examples seeded with ``seed``."""
     member = private.member
-    attacks = attack_target("real", shadows.scores, shadows.masks, real_scores, member, n_bootstrap, seed,
-                            max_points)
+    real = membership_scores(shadows.scores, shadows.masks, real_scores)
+    attacks = [evaluate_attack("real", a, sc, member, n_bootstrap, seed, max_points) for a, sc in real.items()]
+    differences = []
     if synthetic.scores is not None:
-        attacks += attack_target("synthetic", shadows.scores, shadows.masks, synthetic.scores, member,
-                                 n_bootstrap, seed, max_points)
+        syn = membership_scores(shadows.scores, shadows.masks, synthetic.scores)
+        syn_attacks = [evaluate_attack("synthetic", a, sc, member, n_bootstrap, seed, max_points)
+                       for a, sc in syn.items()]
+        differences = [paired_difference(a.attack, r, a, real[a.attack], syn[a.attack], member, n_bootstrap, seed)
+                       for r, a in zip(attacks, syn_attacks)]
+        attacks += syn_attacks
     loo = None
     if len(shadows.scores) >= 3:
         loo = evaluate_attack("leave-one-out", "online_fixed",
@@ -928,7 +991,8 @@ def build_record(private: PrivateData, shadows: ShadowModels, real_scores: np.nd
     return LiraRecord(n_examples=len(member), n_members=int(member.sum()), n_nonmembers=int((~member).sum()),
                       n_shadow=int(len(shadows.scores)), recipe=str(recipe.get("name", "")),
                       epochs=int(recipe.get("epochs", 0)), n_bootstrap=int(n_bootstrap), attacks=attacks,
-                      synthetic=synthetic.info, leave_one_out=loo, paper_tpr_at_0p1pct_fpr=paper_fig3(),
+                      synthetic=synthetic.info, leave_one_out=loo, differences=differences,
+                      paper_tpr_at_0p1pct_fpr=paper_fig3(),
                       shadow_folder=shadows.folder)
 
 
@@ -940,6 +1004,12 @@ def format_fig3_comparison(record: LiraRecord) -> str:
         if a is not None:
             lines.append(f"{title:28s} {100 * a.tpr_at_0p1pct_fpr:9.3f}% "
                          f"{100 * record.paper_tpr_at_0p1pct_fpr.get(t, float('nan')):13.3f}%")
+    d = record.difference("online")
+    if d is not None:
+        ci_t, ci_a = d.tpr_at_1pct_fpr_interval, d.auc_interval
+        lines.append(f"synthetic - real (online, paired bootstrap over examples): TPR@1%FPR "
+                     f"{100 * d.tpr_at_1pct_fpr:+.2f} points [{100 * ci_t.lo:+.2f}, {100 * ci_t.hi:+.2f}], "
+                     f"AUC {d.auc:+.3f} [{ci_a.lo:+.3f}, {ci_a.hi:+.3f}]")
     lines.append(f"(smallest resolvable FPR here: {100 / max(record.n_nonmembers, 1):.3f}%; "
                  + ("TPR at 0.1% FPR is resolved)" if record.n_nonmembers >= 1000 else
                     "with fewer than 1,000 non-members TPR at 0.1% FPR is the TPR at zero false positives)"))
