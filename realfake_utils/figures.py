@@ -43,6 +43,7 @@ def figure_table2(recs: RunRecords, paper: PaperNumbers):
             err = e.half_width if math.isfinite(e.half_width) else 0.0
             ax.bar(i, e.mean, yerr=err, color="C2" if row == TABLE2_ROWS[-1] else "C0", alpha=0.8, capsize=3)
             ax.scatter([i] * len(runs), [r.top1 for r in runs], color="k", s=8, zorder=3)
+        ax.set_ylim(0, 100)
         ax.set_ylabel("top-1 on the real test split (%)")
     else:
         _placeholder(ax, "not measured (run notebook 04_train_classifier)")
