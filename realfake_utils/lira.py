@@ -824,7 +824,8 @@ def member_finetune_config(run: Any, variant: str, output_dir: str | os.PathLike
     from .finetune import FinetuneConfig, FinetuneRecord
 
     rec = FinetuneRecord.load(run)
-    return FinetuneConfig.from_record(rec.config_of(variant), variant=variant, output_dir=str(output_dir))
+    rec.config_of(variant, _run_root(run))   # a clear error when 02 did not train this variant
+    return FinetuneConfig.from_record(rec, variant=variant, output_dir=str(output_dir))
 
 
 def members_train_set(run: Any, private: PrivateData):
