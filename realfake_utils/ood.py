@@ -267,19 +267,26 @@ def build_miniature_variants(test_x: torch.Tensor, test_y: torch.Tensor, train_x
 
 def evaluate_variants(model, variants: dict[str, dict[str, Any]], num_classes: int,
                       clean: tuple[torch.Tensor, torch.Tensor] | None = None,
-                      restrict: bool = True, device: str | None = None) -> dict[str, dict[str, float]]:
-    """top-1 / top-5 of ``model`` on each variant (and on the clean test set if given)."""
+                      restrict: bool = True, device: str | None = None,
+                      unrestricted_too: bool = False) -> dict[str, dict[str, float]]:
+    """top-1 / top-5 of ``model`` on each variant (and on the clean test set if given). With
+    ``unrestricted_too``, a class-subset set is also scored with the arg-max over all classes
+    (``"<set> (all classes)"``) from the same logits (one forward pass per set)."""
     sets = dict(variants)
     if clean is not None:
         sets = {"clean": {"images": clean[0], "labels": clean[1], "allowed": None}, **sets}
-    out = {}
+    out, free = {}, {}
     for name, v in sets.items():
         logits = predict_logits(model, v["images"], device=device)
         allowed = v.get("allowed") if restrict else None
         m = accuracy_metrics(logits, v["labels"], num_classes, allowed)
         out[name] = {"top1": m["top1"], "top5": m["top5"], "n": m["n_test"],
                      "restricted": allowed is not None}
-    return out
+        if unrestricted_too and allowed is not None:
+            m = accuracy_metrics(logits, v["labels"], num_classes, None)
+            free[f"{name} (all classes)"] = {"top1": m["top1"], "top5": m["top5"], "n": m["n_test"],
+                                             "restricted": False}
+    return out | free
 
 
 # --------------------------------------------------------------------------------------------- tables
@@ -411,10 +418,8 @@ def evaluate_classifiers(run: Any, runs: Sequence[Any], variants: dict[str, dict
     for r in runs:
         path = Path(r.path) if Path(r.path).is_absolute() else root / r.path
         model = load_classifier(path, device=device)
-        sets = evaluate_variants(model, variants, num_classes, clean=clean, device=device) if variants else {}
-        subset = {k: v for k, v in variants.items() if v["allowed"]}
-        sets.update({f"{k} (all classes)": v for k, v in
-                     evaluate_variants(model, subset, num_classes, restrict=False, device=device).items()})
+        sets = evaluate_variants(model, variants, num_classes, clean=clean, device=device,
+                                 unrestricted_too=True) if variants else {}
         for name, ds in folders.items():
             sets[name] = evaluate_folder(model, ds, model.recipe, num_classes, device=device)
             if ds.allowed is not None:
