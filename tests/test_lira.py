@@ -434,3 +434,18 @@ def test_synthetic_target_repeats_02_and_03_on_the_members(tmp_path):
     again = lira.synthetic_target(run, private, recipe, device="cpu")
     np.testing.assert_array_equal(again.scores, out.scores)
     assert read_json(folder / "target" / "DONE.json") == before
+
+
+def test_eurosat_mini_resolves_0p1pct_fpr_and_paper_presets_use_10_shadow_models():
+    """Issue "privacy claims measurable": eurosat-mini's private split has >= 1,000 non-members (the
+    10,000-image subset, its train fraction, 06's max_examples), so TPR at 0.1 % FPR is resolved; the
+    paper presets' shadow count is Sec. 4.5's "10 sampling iterations"."""
+    from realfake_utils import params
+
+    p = params.resolve("eurosat-mini", notebooks=["01_prepare", "06_lira"])
+    n_train = round(10_000 * p["01_prepare"]["split_fractions"]["train"])
+    n = p["06_lira"]["max_examples"] or n_train
+    assert n - n // 2 >= 1000
+    assert params.resolve("imagenette", notebooks=["06_lira"])["06_lira"]["n_shadow"] == 10
+    smoke = params.resolve("smoke", notebooks=["06_lira"])["06_lira"]
+    assert smoke["n_shadow"] % 2 == 0 and smoke["n_bootstrap"] > 0
