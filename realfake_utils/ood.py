@@ -38,6 +38,7 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 
 from .classify import accuracy_metrics, predict_logits
+from .lira import TensorImages
 from .records import Record
 
 DATA_DIR = Path(__file__).resolve().parent / "resources"
@@ -196,19 +197,6 @@ def hard_scores(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
         col = {c: j for j, c in enumerate(clf.classes_)}
         probs.append(np.array([p[i, col[y]] if y in col else 0.0 for i, y in enumerate(yte)]))
     return np.mean(probs, axis=0)
-
-
-class TensorImages(torch.utils.data.Dataset):
-    """uint8 [N,3,H,W] images and labels as a (PIL, label) dataset (for ``train_classifier``)."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
-        self.images, self.labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int):
-        return _to_pil(self.images[i]), int(self.labels[i])
 
 
 def train_filter_models(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int,
