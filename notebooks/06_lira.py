@@ -80,8 +80,8 @@ torch.set_num_threads(torch_threads or min(torch.get_num_threads(), 2))
 for lib in ("diffusers", "transformers"):  # quiet loading bars
     __import__(lib).utils.logging.set_verbosity_error()
     __import__(lib).utils.logging.disable_progress_bar()
-private = lira.private_data(run, image_size, max_examples, seed)
 rc = C.load_recipe(recipe, image_size=image_size, **recipe_overrides)
+private = lira.private_data(run, C.load_size(rc), max_examples, seed)  # decoded at the classifier's size
 print(f"private data: {len(private.rows)} real train images ({private.n_members} members, "
       f"{private.n_nonmembers} non-members), {len(private.class_names)} classes; recipe {rc['name']} "
       f"({rc['model']}, {rc['epochs']} epochs); {n_shadow} shadow models")
