@@ -54,7 +54,7 @@ def test_recipes_are_data():
     assert in1k["bce_loss"] and in1k["auto_augment"].startswith("rand-m7-mstd0.5") and in1k["drop_path_rate"] > 0
     assert C.load_recipe("cub")["pretrained"] and not C.load_recipe("eurosat")["pretrained"]
     mini = C.load_recipe("miniature", image_size=16)
-    assert mini["decay_milestones"] == [4, 8, 11] and mini["train_size"] == mini["test_size"] == 16
+    assert mini["decay_milestones"] == [2, 5, 8] and mini["train_size"] == mini["test_size"] == 16
     with pytest.raises(KeyError, match="lr_typo"):
         C.load_recipe("miniature", image_size=16, lr_typo=1)
 
