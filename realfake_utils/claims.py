@@ -10,7 +10,7 @@ measured difference with its 95 % interval, the paper's number beside it where p
 2. Table 1: real + synthetic beats real only.
 3. Table 3 / Fig. 2: accuracy grows with k; the crossover scale at which synthetic-only passes real only
    (paper: 2.5x IN-10, 6.5x IN-100).
-4. Fig. 3: training on synthetic data lowers the LiRA TPR at low FPR (06's bootstrap intervals).
+4. Fig. 3: training on synthetic data lowers the LiRA TPR at low FPR (06's paired bootstrap differences).
 5. Fig. 4: no copies: SSCD copy rate at the calibrated threshold (07).
 6. Geng et al. 2024: retrieved real images match or beat synthetic ones (08's own claim function).
 7. Table 4: OOD accuracy of synthetic data at the largest k against real data.
@@ -149,50 +149,35 @@ def claim_scaling(recs: RunRecords, paper: PaperNumbers, column: str) -> Claim:
 
 
 def claim_lira(recs: RunRecords, paper: PaperNumbers, attack: str = "online") -> Claim:
-    """(4) Fig. 3: the LiRA attack's TPR at 1 % / 0.1 % FPR and AUC on the synthetic-trained target
-    below the real-trained one (06's bootstrap intervals; disjoint intervals decide)."""
+    """(4) Fig. 3: the LiRA attack's TPR at 1 % / 0.1 % FPR and AUC, synthetic-trained minus real-trained
+    target on the same examples, with 06's paired bootstrap intervals (:class:`lira.Difference`), judged
+    by ``stats.verdict(..., "less")`` (holds: the whole interval below 0, the synthetic target leaks less)."""
     title = "Training on synthetic data lowers the LiRA TPR at low FPR"
     rec = recs.lira
     if rec is None:
         return _claim("4", title, paper, "lira", [], not_measured("06_lira"))
-    real, syn = rec.find("real", attack), rec.find("synthetic", attack)
-    if real is None or syn is None:
+    real, syn, d = rec.find("real", attack), rec.find("synthetic", attack), rec.difference(attack)
+    if real is None or syn is None or d is None:
         return _claim("4", title, paper, "lira", [], not_measured(
             "06_lira", f"no synthetic target: {rec.synthetic.status}" if real is not None else "no real target"))
+    pr, ps = paper.value("fig3_lira", "IN-10", "real"), paper.value("fig3_lira", "IN-10", "synthetic")
     findings = []
-    for metric, label, pkey in (("tpr_at_1pct_fpr", "TPR at 1 % FPR", None),
-                                ("tpr_at_0p1pct_fpr", "TPR at 0.1 % FPR", "fig3"),
-                                ("auc", "AUC", None)):
-        r, s = getattr(real, metric), getattr(syn, metric)
-        ri, si = getattr(real, f"{metric}_interval"), getattr(syn, f"{metric}_interval")
-        v = interval_verdict(ri, si)
-        scale = 1.0 if metric == "auc" else 100.0
-        unit = "" if metric == "auc" else " %"
-        pp = ""
-        if pkey:
-            pr, ps = paper.value("fig3_lira", "IN-10", "real"), paper.value("fig3_lira", "IN-10", "synthetic")
-            if pr is not None and ps is not None:
-                pp = f"IN-10: {ps:g} % (synthetic) vs {pr:g} % (real)"
+    for metric, label, scale, unit in (("tpr_at_1pct_fpr", "TPR at 1 % FPR", 100.0, " points"),
+                                       ("tpr_at_0p1pct_fpr", "TPR at 0.1 % FPR", 100.0, " points"),
+                                       ("auc", "AUC", 1.0, "")):
+        ci = getattr(d, f"{metric}_interval")
+        c = stats.Comparison("paired bootstrap", scale * getattr(d, metric), scale * ci.lo, scale * ci.hi, None,
+                             rec.n_examples, rec.n_examples, ci.confidence)
+        pp = f"IN-10: {ps:g} % (synthetic) vs {pr:g} % (real)" if metric == "tpr_at_0p1pct_fpr" and pr is not None \
+            and ps is not None else ""
         findings.append(Finding(
-            f"{label}, {attack} attack: synthetic-trained vs real-trained",
-            f"{scale * s:.3g}{unit} [{scale * si.lo:.3g}, {scale * si.hi:.3g}] vs {scale * r:.3g}{unit} "
-            f"[{scale * ri.lo:.3g}, {scale * ri.hi:.3g}] (bootstrap {ri.confidence:.0%}, n={ri.n_bootstrap})",
-            v, pp, s - r))
+            f"{label}, {attack} attack: synthetic-trained {scale * getattr(syn, metric):.3g} vs real-trained "
+            f"{scale * getattr(real, metric):.3g}{'' if metric == 'auc' else ' %'}",
+            f"difference {c.diff:+.3g}{unit} [{c.lo:+.3g}, {c.hi:+.3g}] ({ci.confidence:.0%} paired bootstrap over "
+            f"examples, {ci.n_bootstrap} resamples)", stats.verdict(c, "less"), pp, c.diff, c.lo, c.hi))
     details = [f"{rec.n_members} members / {rec.n_nonmembers} non-members, {rec.n_shadow} shadow models; "
                f"lowest resolvable FPR 1/{rec.n_nonmembers}"]
     return _claim("4", title, paper, "lira", findings, combine([f.verdict for f in findings[:2]]), details)
-
-
-def interval_verdict(real: Any, synthetic: Any) -> str:
-    """``holds`` when the synthetic interval lies below the real one, ``contradicted`` when above,
-    ``inconclusive`` when they overlap (or an interval is missing)."""
-    if not all(math.isfinite(x) for x in (real.lo, real.hi, synthetic.lo, synthetic.hi)):
-        return INCONCLUSIVE
-    if synthetic.hi < real.lo:
-        return HOLDS
-    if synthetic.lo > real.hi:
-        return CONTRADICTED
-    return INCONCLUSIVE
 
 
 def claim_sscd(recs: RunRecords, paper: PaperNumbers) -> Claim:

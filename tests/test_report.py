@@ -94,13 +94,14 @@ def ood_record() -> ood.OODRecord:
 def lira_record(separable_real: bool = True) -> lira.LiraRecord:
     rng = np.random.default_rng(0)
     member = np.arange(400) < 200
-    attacks = []
-    for target, gap in (("real", 3.0 if separable_real else 0.0), ("synthetic", 0.0)):
-        scores = rng.normal(size=400) + gap * member
-        attacks.append(lira.evaluate_attack(target, "online", scores, member, n_bootstrap=200, seed=0))
+    scores = {t: rng.normal(size=400) + gap * member
+              for t, gap in (("real", 3.0 if separable_real else 0.0), ("synthetic", 0.0))}
+    attacks = [lira.evaluate_attack(t, "online", sc, member, n_bootstrap=200, seed=0) for t, sc in scores.items()]
+    diff = lira.paired_difference("online", attacks[0], attacks[1], scores["real"], scores["synthetic"], member,
+                                  n_bootstrap=200, seed=0)
     info = lira.SyntheticInfo(ran=True, status="trained", set_name=T.DEFAULT_ROW)
     return lira.LiraRecord(n_examples=400, n_members=200, n_nonmembers=200, n_shadow=4, recipe="tiny", epochs=1,
-                           n_bootstrap=200, attacks=attacks, synthetic=info)
+                           n_bootstrap=200, attacks=attacks, synthetic=info, differences=[diff])
 
 
 def sscd_record(copies: int = 0) -> sscd.SSCDRecord:
