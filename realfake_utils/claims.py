@@ -165,14 +165,14 @@ def claim_lira(recs: RunRecords, paper: PaperNumbers, attack: str = "online") ->
     for metric, label, scale, unit in (("tpr_at_1pct_fpr", "TPR at 1 % FPR", 100.0, " points"),
                                        ("tpr_at_0p1pct_fpr", "TPR at 0.1 % FPR", 100.0, " points"),
                                        ("auc", "AUC", 1.0, "")):
-        ci = getattr(d, f"{metric}_interval")
+        ci, pct = getattr(d, f"{metric}_interval"), "" if metric == "auc" else " %"
         c = stats.Comparison("paired bootstrap", scale * getattr(d, metric), scale * ci.lo, scale * ci.hi, None,
                              rec.n_examples, rec.n_examples, ci.confidence)
         pp = f"IN-10: {ps:g} % (synthetic) vs {pr:g} % (real)" if metric == "tpr_at_0p1pct_fpr" and pr is not None \
             and ps is not None else ""
         findings.append(Finding(
-            f"{label}, {attack} attack: synthetic-trained {scale * getattr(syn, metric):.3g} vs real-trained "
-            f"{scale * getattr(real, metric):.3g}{'' if metric == 'auc' else ' %'}",
+            f"{label}, {attack} attack: synthetic-trained {scale * getattr(syn, metric):.3g}{pct} vs real-trained "
+            f"{scale * getattr(real, metric):.3g}{pct}",
             f"difference {c.diff:+.3g}{unit} [{c.lo:+.3g}, {c.hi:+.3g}] ({ci.confidence:.0%} paired bootstrap over "
             f"examples, {ci.n_bootstrap} resamples)", stats.verdict(c, "less"), pp, c.diff, c.lo, c.hi))
     details = [f"{rec.n_members} members / {rec.n_nonmembers} non-members, {rec.n_shadow} shadow models; "
