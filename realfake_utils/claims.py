@@ -158,8 +158,9 @@ def claim_lira(recs: RunRecords, paper: PaperNumbers, attack: str = "online") ->
         return _claim("4", title, paper, "lira", [], not_measured("06_lira"))
     real, syn, d = rec.find("real", attack), rec.find("synthetic", attack), rec.difference(attack)
     if real is None or syn is None or d is None:
-        return _claim("4", title, paper, "lira", [], not_measured(
-            "06_lira", f"no synthetic target: {rec.synthetic.status}" if real is not None else "no real target"))
+        why = ("no real target" if real is None else f"no synthetic target: {rec.synthetic.status}" if syn is None
+               else "06's record holds no paired difference of the two targets: rerun 06_lira")
+        return _claim("4", title, paper, "lira", [], not_measured("06_lira", why))
     pr, ps = paper.value("fig3_lira", "IN-10", "real"), paper.value("fig3_lira", "IN-10", "synthetic")
     findings = []
     for metric, label, scale, unit in (("tpr_at_1pct_fpr", "TPR at 1 % FPR", 100.0, " points"),
