@@ -53,7 +53,7 @@ rows = ["base-novg-t2i", "lora-nodm-novg-t2i", "lora-nodm-vg-t2i", "lora-dm-novg
         "base-novg-lp", "lora-nodm-vg-lp", "lora-dm-novg-lp", "lora-dm-vg-lp"]   # Table 2, rows 1-9
 default_row = "lora-dm-vg-lp"      # Tables 1 / 3 / 4 "OURS": all three components
 scale_k = [1, 2, 5]                # Table 3 / Fig. 2 (paper presets: 1, 2, 5, 10)
-synthesis_seeds = [0, 1]           # every row at k = 1 with each seed, k > 1 with the first
+synthesis_seeds = [0, 1]           # every row at 1x with each of them; larger k with the first
 lora_scale = 0.5                   # official shell_generate.sh --cross_attention_scale
 num_inference_steps = 10           # CPU SHORTCUT: Table 6 samples 30 UniPC steps; the miniature takes 10
 guidance_scale = 2.0               # Table 6
