@@ -346,3 +346,22 @@ def test_synthesize_rows_makes_1x_sets_marks_them_and_records_them(run_folder):
     assert syn.is_complete(run_folder.root / d.path)
     assert syn.load_spec(moved.root / d.path)["source_manifest_path"] == \
         str((moved.root / "artifacts" / "data" / "manifest.csv").resolve())
+
+
+def test_image_set_manifest_one_reader_confines_paths(tmp_path):
+    from realfake_utils import data
+    from realfake_utils.rundir import UnsafePathError
+
+    d = tmp_path / "set"
+    data.write_image_set(d, [{"file": "a/0.png", "label": 1, "class_name": "one", "path": "/abs/ignored"}])
+    (row,) = data.read_image_set(d)
+    assert row["path"] == str((d / "a" / "0.png").resolve()) and "path" not in (d / "manifest.jsonl").read_text()
+    assert data.image_set_rows(d)[0]["id"] == f"{tmp_path.name}/set/a/0.png"
+    for bad in ("../../etc/hostname", "/etc/shadow"):
+        data.write_image_set(d, [{"file": bad, "label": 0}])
+        with pytest.raises(UnsafePathError):
+            data.read_image_set(d)
+    (d / "manifest.jsonl").write_text('{"file": "a.png", "label": 0}\n{"file": "b.p')
+    with pytest.raises(data.DataError, match="line 2"):
+        data.read_image_set(d)
+    assert syn.read_synthetic_manifest(tmp_path / "nothing") == []
