@@ -157,15 +157,17 @@ def deduplicate(picks: list[list[int]], feats: torch.Tensor, threshold: float = 
     robin over classes) exceeds ``threshold``: the retrieved set holds no (near-)duplicate pair."""
     f = F.normalize(feats.float(), dim=-1)
     kept: list[list[int]] = [[] for _ in picks]
-    kept_feats: list[torch.Tensor] = []
+    bank = torch.empty(sum(map(len, picks)), f.shape[-1])
+    n = 0
     for r in range(max((len(p) for p in picks), default=0)):
         for c, p in enumerate(picks):
             if r < len(p):
                 v = f[p[r]]
-                if kept_feats and float((torch.stack(kept_feats) @ v).max()) > threshold:
+                if n and float((bank[:n] @ v).max()) > threshold:
                     continue
                 kept[c].append(p[r])
-                kept_feats.append(v)
+                bank[n] = v
+                n += 1
     return kept
 
 
