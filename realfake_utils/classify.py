@@ -11,11 +11,18 @@ A training run (:func:`train_classifier`) writes into one folder::
     <out_dir>/config.json     recipe, sources, seed (what the run is)
     <out_dir>/last.pt         checkpoint after the last finished epoch (atomic; resume point)
     <out_dir>/model.pt        final weights + what is needed to rebuild the model (load_classifier)
-    <out_dir>/metrics.json    top-1 / top-5 / per-class accuracy / confusion matrix / time (done marker)
+    <out_dir>/metrics.json    top-1 / top-5 / per-class accuracy / confusion matrix / time / history
+    <out_dir>/DONE.json       completion marker (rundir.mark_done): key = recipe, seed, source content
 
-A killed run resumes from ``last.pt``; every epoch's randomness (shuffle, augmentation, mixup) is
-seeded from (seed, epoch), so a resumed run ends with the same weights as an uninterrupted one.
-Multi-GPU goes through ``accelerate`` (``Accelerator.prepare``), which is a no-op single process on CPU.
+Training is timm's split: :func:`train_one_epoch` and :func:`validate`. A killed run resumes from
+``last.pt``; every epoch's randomness (shuffle, augmentation, mixup) is seeded from (seed, epoch), so a
+resumed run ends with the same weights as an uninterrupted one. Several processes / GPUs go through
+``accelerate`` (``accelerate launch -m realfake_utils.classify``): the per-process batch is the recipe's
+global batch / processes, so an epoch has the same samples and optimizer steps as on one process.
+
+04's whole step is :func:`train_tables`: the classifiers of Tables 1-3 for the sets in 03's record
+(``synthesize.SynthesisRecord``), the same classifier seeds for every row (Table 2's effects are paired,
+``stats.paired``), returned as a :class:`ClassifierRecord`; :func:`plot_scaling` is the one Fig. 2.
 """
 from __future__ import annotations
 
