@@ -82,6 +82,15 @@ class Splits:
     excluded_list: Path
 
 
+def check_models(base_model: str, clip_model: str) -> bool:
+    """True for the miniature world (``base_model`` empty: pretrain it here). A real base model needs
+    its CLIP too (the one whose image embedding size equals the base model's text width)."""
+    if base_model and not clip_model:
+        raise ValueError("base_model is set to a real model: set clip_model too (the CLIP whose image embedding "
+                         "size equals the base model's text width, e.g. openai/clip-vit-large-patch14 for SD 1.5)")
+    return not base_model
+
+
 def load_splits(dataset: str, data_root: str, data_dir: str | os.PathLike, split_fractions: dict[str, float],
                 seed: int, class_map: str, test_root: str, image_size: int, miniature: bool) -> Splits:
     """``data.prepare_data`` (pool / train / test, disjoint and stratified) and the images: every split in
@@ -249,5 +258,5 @@ def reset_stale_features(features_dir: str | os.PathLike, clip_key: str) -> bool
         write_json(rec, {"clip": clip_key})
     return removed
 
-__all__ = ["OracleCheck", "PrepareRecord", "Splits", "caption_examples", "clip_features", "evaluate_base",
+__all__ = ["OracleCheck", "PrepareRecord", "Splits", "caption_examples", "check_models", "clip_features", "evaluate_base",
            "excluded_count", "load_splits", "oracle_check", "pool_figures", "pool_mmd", "reset_stale_features"]
