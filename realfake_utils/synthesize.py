@@ -1030,7 +1030,7 @@ def figure_clip_pca(run: Any, rec: SynthesisRecord, clip: str = "", device: str 
 
     from . import data
 
-    clip = _model_paths(run, "", clip)[1]
+    clip = clip or str(Path(run.root) / "artifacts" / "miniature" / "clip")   # only CLIP is needed here
     first = rec.sets[0] if rec.sets else None
     size = load_spec(Path(run.root) / first.path)["settings"]["image_size"] if first else 16
     train, feats, _ = _train_features(run, clip, size, device)

@@ -24,7 +24,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 CLASSES = ["tench", "springer"]          # ImageNette's first two classes, as class folders
-N_TRAIN, N_TEST = 4, 2                   # images per class
+N_TRAIN, N_TEST = 2, 2                   # images per class
 STEPS = os.environ.get("REALFAKE_PAPER_SHAPES_STEPS", "01,02,03")
 pytestmark = pytest.mark.slow            # building the 1.07 B-parameter generator alone takes ~1-2 min
 
@@ -36,6 +36,7 @@ TINY_OVERRIDES = [
     "global_batch_size=4",               # Table 7: 64 (8 x 8 GPUs); per device = global / processes
     "num_inference_steps=2",             # Table 6: 30 UniPC steps
     "synthesis_seeds=[0]",
+    "scale_k=[1]",                       # Table 3: 1, 2, 5, 10 (k > 1 is same code path, k times longer)
 ]
 
 
