@@ -360,18 +360,32 @@ def train_miniature_descriptor(images: torch.Tensor, out_path: str | os.PathLike
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         scripted = torch.jit.script(model)
-    # saved through memory: a TorchScript archive written to a path records the file's name (the temp
-    # name here), so identical runs would get different SHA-256s; from a buffer the bytes are identical
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.save(scripted, buf)
     with atomic_path(out_path) as tmp:
-        tmp.write_bytes(buf.getvalue())
+        tmp.write_bytes(stable_torchscript_bytes(scripted))
     sha = sha256_file(out_path)
     write_json(meta_path, {"config": cfg, "sha256": sha, "final_loss": float(np.mean(losses[-10:]))
                            if losses else None})
     return out_path, sha
+
+
+def stable_torchscript_bytes(scripted) -> bytes:
+    """A TorchScript archive whose bytes depend only on the model: saved through memory (an archive
+    written to a path records the file's name, here a temp name), rewritten without the ``.debug_pkl``
+    entries (they hold the absolute paths of the source files, so two checkouts would differ) and with
+    fixed zip timestamps. ``torch.jit.load`` reads it as usual (debug info only serves error messages)."""
+    import zipfile
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(scripted, buf)
+    src = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
+        for info in src.infolist():
+            if not info.filename.endswith(".debug_pkl"):
+                z.writestr(zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0)), src.read(info.filename))
+    return out.getvalue()
 
 
 def recorded_sha256(path: str | os.PathLike) -> str:

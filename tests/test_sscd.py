@@ -142,6 +142,7 @@ def test_miniature_descriptor_calibrated_on_planted_copies_and_byte_stable(tmp_p
     p2, sha2 = sscd.train_miniature_descriptor(images[:64], tmp_path / "b" / "other.pt", size=16, dim=16, width=8,
                                                steps=30, batch_size=32, device="cpu", log_every=0)
     assert sha1 == sha2 == sscd.sha256_file(p2)   # identical runs: identical bytes, whatever the file name
+    assert b"/" + str(sscd.__file__).split("/")[1].encode() not in p1.read_bytes()  # no source paths inside
     model = sscd.load_descriptor(p1, sha1)
     embed = lambda x: sscd.compute_descriptors(model, x, size=16, mode="square", device="cpu")  # noqa: E731
     ref, held = images[:64], images[64:]
