@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from .models import atomic_dir
-from .pool import DEFAULT_SHIFT, make_pool, pool_fingerprint, vocabulary
+from .pool import PoolConfig, make_pool, pool_fingerprint, vocabulary
 from .rundir import atomic_path, content_hash, done_info, is_done, mark_done, read_json, write_json
 
 VERSION = 2  # bump when the training code changes in a way that invalidates cached parts
@@ -458,16 +458,10 @@ def build_part(out_dir: str | os.PathLike, name: str, params: dict[str, Any],
 # The whole miniature world
 # --------------------------------------------------------------------------------------------------
 @dataclass
-class MiniatureConfig:
-    """The pool's gap and the sizes / steps of the miniature pretraining (the ``01_prepare``
-    parameters of these names)."""
+class MiniatureConfig(PoolConfig):
+    """The pool's gap (inherited from :class:`pool.PoolConfig`) and the sizes / steps of the miniature
+    pretraining (the ``01_prepare`` parameters of these names)."""
     image_size: int = 16
-    seed: int = 0
-    pool_shift: dict = field(default_factory=lambda: dict(DEFAULT_SHIFT))
-    caption_wrong_rate: float = 0.1
-    caption_missing_rate: float = 0.2
-    caption_noise_rate: float = 0.5
-    caption_style_rate: float = 0.5
     model_max_length: int = 16
     clip_width: int = 64
     clip_layers: int = 2

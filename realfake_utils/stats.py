@@ -25,8 +25,22 @@ def _t_quantile(df: float, confidence: float) -> float:
     return float(stats.t.ppf(0.5 + confidence / 2, df))
 
 
+class _Interval:
+    """Shared by :class:`Estimate` and :class:`Comparison` (both dataclasses with ``lo`` / ``hi``)."""
+
+    lo: float
+    hi: float
+
+    @property
+    def half_width(self) -> float:
+        return (self.hi - self.lo) / 2
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass(frozen=True)
-class Estimate:
+class Estimate(_Interval):
     """Mean over ``n`` seeds, sample std (ddof 1), and the ``confidence`` t interval of the mean."""
 
     n: int
@@ -37,13 +51,6 @@ class Estimate:
     min: float
     max: float
     confidence: float = CONFIDENCE
-
-    @property
-    def half_width(self) -> float:
-        return (self.hi - self.lo) / 2
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     def fmt(self, digits: int = 1, unit: str = "") -> str:
         """``mean +- half-width`` (95 % interval), or the single value when n = 1."""
@@ -70,7 +77,7 @@ def seed_stats(values: Sequence[float], confidence: float = CONFIDENCE) -> Estim
 
 
 @dataclass(frozen=True)
-class Comparison:
+class Comparison(_Interval):
     """``diff = mean(b) - mean(a)`` with its interval and two-sided p-value (None when not testable)."""
 
     test: str
@@ -82,12 +89,6 @@ class Comparison:
     n_b: int
     confidence: float = CONFIDENCE
 
-    @property
-    def half_width(self) -> float:
-        return (self.hi - self.lo) / 2
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def paired(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE) -> Comparison:
