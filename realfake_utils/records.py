@@ -27,9 +27,13 @@ class RecordError(RuntimeError):
     """A results record is missing, of another kind, or of another version."""
 
 
-def _root(run: Any) -> Path:
-    # a RunDir (its .root) or a plain path; a pathlib.Path's own .root is "/", never the run folder
+def run_root(run: Any) -> Path:
+    """The run folder of a ``RunDir`` (its ``.root``) or of a plain path (a ``pathlib.Path``'s own
+    ``.root`` is "/", never the run folder: use this, not ``getattr(run, "root", run)``)."""
     return Path(run) if isinstance(run, (str, os.PathLike)) else Path(run.root)
+
+
+_root = run_root
 
 
 @dataclasses.dataclass

@@ -70,7 +70,7 @@ from typing import Any, ClassVar, Iterable, Mapping, Optional, Sequence
 
 from .data import image_set_rows, read_image_set, write_image_set
 from .finetune_config import parse_variant, variant_name
-from .records import Record, RecordError
+from .records import Record, RecordError, run_root
 from .rundir import (atomic_path, content_hash, file_sha256, is_done, mark_done, read_json, tree_sha256,
                      unit_finished, write_json)
 
@@ -792,7 +792,7 @@ def trained_variants(run: Any) -> dict[str, dict[str, Any]]:
     ``train_config.json``)."""
     from .finetune import FinetuneRecord
 
-    root = Path(getattr(run, "root", run))
+    root = run_root(run)
     out: dict[str, dict[str, Any]] = {}
     rec = None
     if FinetuneRecord.exists(root):
