@@ -30,12 +30,19 @@ def _free_port() -> int:
 def _accelerate_launch(num_processes: int, module_args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """``accelerate launch`` with the multi-process launcher (torchrun) on CPU: the script's
     ``Accelerator(cpu=True)`` then runs distributed over gloo."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-           "--num_processes", str(num_processes), "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", str(_free_port()), *module_args]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
            "HF_HOME": str(cwd / "hf")}   # no user accelerate config file is read
-    return subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    for _ in range(5):
+        # the free port can be taken by another process between picking and binding it: only that
+        # failure (EADDRINUSE at the rendezvous) is retried, on a new port; any other result is returned
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+               "--num_processes", str(num_processes), "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "--main_process_port", str(_free_port()), *module_args]
+        proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              timeout=1800)   # a hang guard only: each launch takes seconds
+        if proc.returncode == 0 or b"address already in use" not in proc.stdout.lower():
+            return proc
+    return proc
 
 
 def test_finetune_two_processes_sees_each_sample_once_per_epoch(tmp_path):
