@@ -632,8 +632,6 @@ def train_one_epoch(ctx: TrainContext, epoch: int, logf=None) -> int:
                                   f"(L_simple {rec['l_simple']:.4f}, L_DM {rec['l_dm']:.5f})")
         if ctx.global_step % cfg.checkpoint_every == 0 and ctx.global_step < ctx.total_steps:
             save_checkpoint(ctx)
-        if cfg.sleep_per_step:
-            time.sleep(cfg.sleep_per_step)
     return done
 
 

@@ -127,12 +127,10 @@ class FinetuneConfig:
     channels_last: bool = False
     compile_unet: bool = False
     log_every: int = 0                  # print a line every N steps (0: only a summary)
-    # not part of the result: a hook that slows each optimizer step down (seconds)
-    sleep_per_step: float = 0.0
 
     # keys that do not change the trained weights (left out of the cache key)
     _NOT_HASHED = ("output_dir", "device", "checkpoint_every", "checkpoints_total_limit", "log_every",
-                   "sleep_per_step", "compile_unet", "channels_last")
+                   "compile_unet", "channels_last")
 
     # ---------------------------------------------------------------- builders
     @classmethod
