@@ -33,7 +33,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
-from .rundir import atomic_path, write_json
+from .params import REPO_ROOT
+from .rundir import atomic_path, confine, read_json, write_json
 
 DATASETS = ("digits", "eurosat", "imagefolder")
 SPLITS = ("pool", "train", "test")
@@ -296,8 +297,6 @@ def resolve_path(path: str | os.PathLike) -> Path:
     """An absolute path for a user-given data path. A relative path is taken from the repository root
     (presets say ``../shared/data/eurosat-rgb-mini``; notebooks run with ``notebooks/`` as working
     folder), else from the working folder if it exists only there."""
-    from .params import REPO_ROOT
-
     p = Path(path).expanduser()
     if p.is_absolute():
         return p
@@ -677,8 +676,6 @@ def read_image_set(set_dir: str | os.PathLike, missing_ok: bool = False) -> list
     """Rows of ``set_dir/manifest.jsonl`` with ``path`` = ``set_dir / file``, confined to ``set_dir``
     (:func:`rundir.confine`: an absolute path or a ``..`` escape is an error naming the entry).
     ``missing_ok`` gives ``[]`` for a set whose manifest is not written yet."""
-    from .rundir import confine
-
     set_dir = Path(set_dir)
     manifest = set_dir / IMAGE_SET_MANIFEST
     if not manifest.exists():
@@ -737,8 +734,6 @@ def load_split(data_dir: str | os.PathLike, split: str | Sequence[str], image_si
 
 
 def read_info(out_dir: str | os.PathLike) -> dict[str, Any]:
-    from .rundir import read_json
-
     return read_json(Path(out_dir) / "info.json")
 
 
