@@ -29,7 +29,8 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from .models import check_guidance_compat
+from .models import check_guidance_compat, load_blip2, load_clip_vision
+from .rundir import atomic_path, read_json, write_json
 
 # generate.py of BAAI-DCAI/Training-Data-Synthesis (StableDiffusionHandler.generate_ImageNet1k).
 NEGATIVE_PROMPT = "distorted, unrealistic, blurry, out of frame, cropped, deformed"
@@ -204,8 +205,6 @@ def save_feature_cache(cache_path: str | os.PathLike, ids: list[str], feats: tor
     """Write ``features`` [M, D] (float32) with the ids (JSON in the safetensors metadata), atomically."""
     from safetensors.torch import save_file
 
-    from .rundir import atomic_path
-
     meta = dict(metadata or {})
     meta["ids"] = json.dumps(list(ids))
     with atomic_path(cache_path) as tmp:
@@ -261,8 +260,6 @@ def extract_clip_features(model: Any, images: Sequence[Any], ids: Sequence[str],
     (see :func:`model_fingerprint`: a retrained folder counts as another model) is recomputed.
     """
     from tqdm.auto import tqdm
-
-    from .models import load_clip_vision
 
     ids = [str(i) for i in ids]
     if len(ids) != len(images):
@@ -366,8 +363,6 @@ class Blip2Captioner:
 
     def __init__(self, model_path_or_id: str, batch_size: int = 16, device: str = "auto",
                  max_new_tokens: int = 30, dtype: torch.dtype | None = None):
-        from .models import load_blip2
-
         self.model_id = str(model_path_or_id)
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
@@ -406,8 +401,6 @@ def caption_images(captioner: Captioner, images: Sequence[Any], ids: Sequence[st
     """Captions ``{id: caption}`` for all ids, kept in the JSON file ``path`` (``captions.json``),
     written atomically after each batch; ids already there are skipped (resumable)."""
     from tqdm.auto import tqdm
-
-    from .rundir import read_json, write_json
 
     ids = [str(i) for i in ids]
     if len(ids) != len(images):

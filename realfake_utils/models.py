@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
+from .rundir import make_temp_dir  # atomic_dir: mkdtemp's 0700 would end up as the model folder's mode
 
 SD15_ID = "runwayml/stable-diffusion-v1-5"
 SD15_MIRROR_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -69,7 +70,6 @@ def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
     A killed build never leaves a half-written model under the final name."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    from .rundir import make_temp_dir  # mkdtemp's 0700 would end up as the model folder's mode
 
     tmp = make_temp_dir(f".{out_dir.name}.", out_dir.parent)
     try:
