@@ -104,10 +104,11 @@ def paired(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENC
         diff = float(d.mean()) if d.size else float("nan")
         return Comparison("paired t", diff, -math.inf, math.inf, None, a_.size, b_.size, confidence)
     est = seed_stats(d, confidence)
-    if est.std == 0:
-        p = 0.0 if est.mean else 1.0
-    else:
-        p = float(stats.ttest_rel(b_, a_).pvalue)
+    if est.std == 0:   # every seed moved by exactly the same amount: the t model has no spread to
+        # scale, and a zero-width interval would claim certainty that two or three seeds cannot give
+        return Comparison("paired t (no spread: untestable)", est.mean, -math.inf, math.inf, None,
+                          a_.size, b_.size, confidence)
+    p = float(stats.ttest_rel(b_, a_).pvalue)
     return Comparison("paired t", est.mean, est.lo, est.hi, p, a_.size, b_.size, confidence)
 
 
@@ -125,8 +126,9 @@ def welch(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE
         return Comparison("welch", diff, -math.inf, math.inf, None, a_.size, b_.size, confidence)
     va, vb = a_.var(ddof=1) / a_.size, b_.var(ddof=1) / b_.size
     se = math.sqrt(va + vb)
-    if se == 0:
-        return Comparison("welch", diff, diff, diff, 0.0 if diff else 1.0, a_.size, b_.size, confidence)
+    if se == 0:        # both sides constant over seeds: untestable, as in :func:`paired`
+        return Comparison("welch (no spread: untestable)", diff, -math.inf, math.inf, None, a_.size,
+                          b_.size, confidence)
     df = (va + vb) ** 2 / (va ** 2 / (a_.size - 1) + vb ** 2 / (b_.size - 1))
     half = _t_quantile(df, confidence) * se
     p = float(stats.ttest_ind(b_, a_, equal_var=False).pvalue)
