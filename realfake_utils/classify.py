@@ -41,11 +41,15 @@ import torch.nn as nn
 import yaml
 from PIL import Image
 
-from .data import read_image_set as _data_read_image_set
+from .data import (ImageDataset, class_names as manifest_class_names, read_image_set as _data_read_image_set,
+                   read_manifest)
 from .data import resize_center_crop
 from .params import REPO_ROOT
 from .records import Record
-from .rundir import atomic_path, read_json, unit_finished, write_json
+from .rundir import (DONE, atomic_path, content_hash, file_sha256, is_done, mark_done, read_json,
+                     unit_finished, write_json)
+from .stats import paired, seed_stats, verdict
+from .synthesize import SynthesisRecord, is_complete
 
 RECIPE_DIR = REPO_ROOT / "params" / "recipes"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -209,15 +213,12 @@ class Source:
 
     def rows(self, split: str = "train") -> list[dict[str, Any]]:
         if self.kind == "real":
-            from .data import read_manifest
             return [r for r in read_manifest(self.path) if r["split"] == split]
         return read_image_set(self.path)
 
 
 def real_dataset(manifest: str | os.PathLike, split: str, image_size: int | None):
     """The real ``split`` of the data manifest as (PIL, label) through ``data.ImageDataset``."""
-    from .data import ImageDataset, read_manifest
-
     rows = [r for r in read_manifest(manifest) if r["split"] == split]
     if not rows:
         raise ValueError(f"{manifest} has no '{split}' rows")
@@ -552,8 +553,6 @@ class RunSpec:
 def _source_identity(src: Source) -> str:
     """Content identity of a training source (the cache key of a classifier folder): the manifest's
     bytes for real data, the completion marker's key (or the manifest's bytes) for an image set."""
-    from .rundir import DONE, file_sha256
-
     p = Path(src.path)
     if src.kind == "real":
         return file_sha256(p)
@@ -565,8 +564,6 @@ def _source_identity(src: Source) -> str:
 
 def run_key(spec: RunSpec, recipe: dict[str, Any]) -> str:
     """The cache key of one classifier: recipe, seed and the content of its sources (no paths)."""
-    from .rundir import content_hash
-
     return content_hash({"recipe": recipe, "seed": spec.seed,
                          "sources": [[s.kind, _source_identity(s)] for s in spec.sources]})
 
@@ -576,8 +573,6 @@ def discover_sets(synthetic_root: str | os.PathLike) -> dict[str, dict[int, Path
     lowest seed per k). Only sets whose completion marker verifies (``synthesize.is_complete``): a set
     still being written, or killed, is left out. 04 itself reads 03's record instead."""
     import re
-
-    from .synthesize import is_complete
 
     out: dict[str, dict[int, Path]] = {}
     for spec in sorted(Path(synthetic_root).glob("*/k*/synthesis.json")):
@@ -595,10 +590,6 @@ def run_experiments(specs: Iterable[RunSpec], manifest: str | os.PathLike, out_r
     other content is retrained) and return one flat dict per run: row, table, k, synthesis_seed, seed,
     source, top1, top5, n_train, time, path."""
     import shutil
-
-    from .data import class_names as manifest_class_names
-    from .data import read_manifest
-    from .rundir import is_done, mark_done
 
     rows = read_manifest(manifest)
     names = manifest_class_names(rows)
@@ -729,8 +720,6 @@ class ClassifierRecord(Record):
         return [100 * getattr(r, metric) for r in runs]
 
     def estimate(self, table: str, source: str, k: Optional[int] = None, metric: str = "top1"):
-        from .stats import seed_stats
-
         return seed_stats(self.values(table, source, k, metric))
 
 
@@ -756,8 +745,6 @@ TABLE2_EFFECTS = (
 def table2_effects(runs: Sequence[ClassifierRun]) -> list[Effect]:
     """Every :data:`TABLE2_EFFECTS` both of whose rows ran, as a paired comparison (``stats.paired``
     over the (synthesis seed, classifier seed) pairs both rows share)."""
-    from .stats import paired, verdict
-
     by: dict[str, dict[tuple[int, int], float]] = {}
     for r in runs:
         if "table2" in r.tables:
@@ -825,8 +812,6 @@ def train_tables(run: Any, recipe: dict[str, Any], seeds: Sequence[int], device:
                  pretrained_path: str = "", retrieved_set: str = "", verbose: bool = True) -> ClassifierRecord:
     """04's whole work: the classifiers of Tables 1-3 for the sets in 03's record, resumable, as a
     :class:`ClassifierRecord` (with the paired Table 2 effects)."""
-    from .synthesize import SynthesisRecord
-
     if not seeds:
         raise ValueError("seeds is empty: give at least one classifier seed (digits: [0, 1, 2])")
     synthesis = SynthesisRecord.load(run)
@@ -857,8 +842,6 @@ def train_tables(run: Any, recipe: dict[str, Any], seeds: Sequence[int], device:
 def table_lines(record: ClassifierRecord, table: str, metric: str = "top1") -> list[dict[str, Any]]:
     """One line per source of ``table`` (in run order): source, k, n_train, n runs and the
     ``stats.seed_stats`` estimate (%, over synthesis x classifier seeds)."""
-    from .stats import seed_stats
-
     keys = list(dict.fromkeys((r.source, r.k) for r in record.runs if table in r.tables))
     out = []
     for source, k in keys:
@@ -930,8 +913,6 @@ def crossover_k(ks: Sequence[float], means: Sequence[float], real: float) -> Opt
 def scaling_points(record: ClassifierRecord) -> dict[str, Any]:
     """Fig. 2's data: per k the synthetic-only estimate (Table 3 runs), the real-only estimate (Table 1)
     and the crossover scale (on the means)."""
-    from .stats import seed_stats
-
     ks = sorted({r.k for r in record.runs if "table3" in r.tables})
     syn = {k: seed_stats([100 * r.top1 for r in record.runs if "table3" in r.tables and r.k == k]) for k in ks}
     real = seed_stats([100 * r.top1 for r in record.runs if r.source == "real"])
@@ -1031,8 +1012,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     if args.sources == "real":
         specs = [RunSpec("real", [Source("real", str(manifest))], seed=s, table="table1") for s in args.seeds]
     else:
-        from .synthesize import SynthesisRecord
-
         specs, missing = plan_runs(SynthesisRecord.load(root), root, args.seeds)
         for m in missing:
             print("CANNOT RUN", m)
