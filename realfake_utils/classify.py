@@ -980,6 +980,37 @@ def _k_axis(ax, ks: Sequence[int]) -> None:
         ax.set_xticks(list(ks), [str(k) for k in ks])
 
 
+# --------------------------------------------------------------------------------------------- tensors
+class TensorImages(torch.utils.data.Dataset):
+    """uint8 ``[N,3,H,W]`` images with labels as a dataset of ``(PIL image, label)`` (what
+    ``classify.train_classifier`` reads)."""
+
+    def __init__(self, images: torch.Tensor, labels):
+        self.images, self.labels = images, [int(v) for v in labels]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return Image.fromarray(self.images[i].permute(1, 2, 0).numpy()), self.labels[i]
+
+
+def synthetic_only_check(out_dir: str | os.PathLike, real: tuple, synthetic: tuple, test: tuple,
+                         num_classes: int, recipe: str = "miniature", image_size: int | None = None,
+                         seed: int = 0, device: str = "auto") -> dict[str, Any]:
+    """Real vs synthetic-only top-1 on the real test set with the kit's classifier recipe (the one 04
+    uses), one classifier each (``(images, labels)`` tuples). Returns ``{"real", "synthetic", "gap"}`` in
+    %; the classifiers are kept under ``out_dir`` (a rerun reuses them)."""
+    rec = load_recipe(recipe, image_size=image_size)
+    test_set = TensorImages(*test)
+    acc = {}
+    for name, (x, y) in {"real": real, "synthetic": synthetic}.items():
+        m = train_classifier(Path(out_dir) / name, TensorImages(x, y), test_set, num_classes, rec, seed=seed,
+                             device=device, info={"source": name})
+        acc[name] = 100.0 * float(m["top1"])  # top1 is a fraction
+    return {**acc, "gap": acc["real"] - acc["synthetic"]}
+
+
 # --------------------------------------------------------------------------------------------- command line
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Train 04's classifiers of a run folder outside the notebook, e.g. on several GPUs / processes:

@@ -54,9 +54,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from . import data, features, losses, models, probe
 from .finetune_config import (DM_LOSS_FORMS, GUIDANCE_FEATURES_TRAIN, GUIDANCE_TOKEN_POSITIONS,
                               LORA_TARGET_MODULES, TABLE2_VARIANTS, FinetuneConfig, parse_variant,
                               resolve_variants, variant_name)
+from .params import notebook_defaults
 from .records import Record
 from .rundir import (atomic_path, content_hash, done_info, is_done, mark_done, read_json, tree_sha256,
                      unit_finished, write_json)
@@ -97,8 +99,6 @@ def save_train_set(path: str | os.PathLike, ts: TrainSet) -> Path:
     """Write a :class:`TrainSet` to one safetensors file (tensors + JSON metadata), atomically."""
     from safetensors.torch import save_file
 
-    from .rundir import atomic_path
-
     tensors = {"images": ts.images.contiguous(), "labels": ts.labels.long().contiguous()}
     if ts.image_embeds is not None:
         tensors["image_embeds"] = ts.image_embeds.float().contiguous()
@@ -134,8 +134,6 @@ def build_train_set(run_root: str | os.PathLike, image_size: int, clip_model: st
     changes (a retrained CLIP or a new split changes the fingerprint, hence every LoRA's config hash).
     """
     import torch
-
-    from . import data, features
 
     root = Path(run_root)
     art = root / "artifacts"
@@ -271,8 +269,6 @@ def condition(text_encoder, tokenizer, prompts: Sequence[str], image_embeds=None
     """Text-encoder hidden states for ``prompts``; with ``image_embeds`` [B, D] the visual guidance
     token (Sec. 3.2) at ``position`` (``append``: ``[B, L+1, D]``; ``replace_last``: last token
     overwritten), see :func:`features.guidance_prompt_embeds`."""
-    from . import features
-
     embeds = features.encode_prompts(text_encoder, tokenizer, list(prompts))
     if image_embeds is None:
         return embeds
@@ -283,8 +279,6 @@ def diffusion_loss(unet, latents, encoder_hidden_states, noise_scheduler, cfg: F
     """One forward pass and the Real-Fake objective (Eq. 21, :func:`losses.overall_loss`): returns
     (loss, l_simple, l_dm) as tensors. Noise and timesteps come from ``generator`` (CPU)."""
     import torch
-
-    from . import losses
 
     bsz = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
@@ -822,8 +816,6 @@ def sample_per_class(pipe, class_names: Sequence[str], n_per_class: int, class_e
     import numpy as np
     import torch
 
-    from . import features
-
     if negative_prompt is None:
         negative_prompt = features.NEGATIVE_PROMPT
     labels = [c for c in range(len(class_names)) for _ in range(int(n_per_class))]
@@ -868,8 +860,6 @@ class SampleSettings:
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "SampleSettings":
-        from .params import notebook_defaults
-
         p = dict(notebook_defaults("02_finetune"))
         p.update({k: v for k, v in params.items() if k in p})
         return cls(n_per_class=int(p["n_per_class"]), num_inference_steps=int(p["sample_steps"]),
@@ -898,7 +888,10 @@ class VariantResult:
     mmd2_before: Optional[float] = None
     mmd2_after: Optional[float] = None
     samples: str = ""                    # relative path of its samples (safetensors), "" when none
+    # the sample probe (issue goal >= 0.90): a classifier fitted on the REAL target train images labels
+    # the samples; on pixels with the luminance standardised per image, and on CLIP image features
     probe_accuracy: Optional[float] = None
+    probe_clip: Optional[float] = None
 
 
 @dataclass
@@ -910,6 +903,7 @@ class FinetuneRecord(Record):
     variants: dict[str, VariantResult]
     base_samples: dict[str, str] = field(default_factory=dict)    # base-vg / base-novg -> samples path
     base_mmd2: dict[str, float] = field(default_factory=dict)
+    base_probe: dict[str, dict[str, float]] = field(default_factory=dict)   # {base-vg: {pixels, clip}}
     mmd2_real_test: Optional[float] = None                         # the noise floor (real train vs test)
     mmd_bandwidth: Optional[float] = None
     n_train: int = 0
@@ -967,11 +961,20 @@ def _save_samples(path: Path, images, labels) -> None:
 
 
 def _clip_features(clip_model: str, images, device: str):
-    from . import features
-
     with tempfile.TemporaryDirectory() as d:
         return features.extract_clip_features(clip_model, images, [str(i) for i in range(len(images))],
                                               Path(d) / "f.safetensors", device=device, progress=False).float()
+
+
+def _sample_probe(ts: TrainSet, images, labels, feats, seed: int) -> dict[str, float]:
+    """The sample probe of ``probe.py`` fitted on the real train split: on pixels (luminance standardised)
+    and on CLIP image features (the class in the colours, as EuroSAT's)"""
+    out = {"pixels": probe.probe_accuracy(ts.images, ts.labels, {"s": (images, labels)}, seed=seed)["s"],
+           "clip": float("nan")}
+    if ts.image_embeds is not None:
+        out["clip"] = probe.feature_probe_accuracy(ts.image_embeds.float(), ts.labels, {"s": (feats, labels)},
+                                                   seed=seed)["s"]
+    return out
 
 
 def train_variants(run: Any, cfg: FinetuneConfig, variants: Sequence[str], clip_model: str = "",
@@ -993,8 +996,6 @@ def train_variants(run: Any, cfg: FinetuneConfig, variants: Sequence[str], clip_
     4. the :class:`FinetuneRecord`, saved to ``results/02_finetune.json``.
     """
     import torch
-
-    from . import data, features, losses, models
 
     root = _run_root(run)
     art = root / "artifacts"
@@ -1064,8 +1065,9 @@ def train_variants(run: Any, cfg: FinetuneConfig, variants: Sequence[str], clip_
                                             class_means if vg else None, **kw)
             _save_samples(sample_dir / f"{bname}.safetensors", imgs, labels)
             rec.base_samples[bname] = Record.rel(root, sample_dir / f"{bname}.safetensors")
-            rec.base_mmd2[bname] = float(losses.mmd2(real, _clip_features(clip, imgs, cfg.device),
-                                                     bandwidth=bandwidth))
+            feats = _clip_features(clip, imgs, cfg.device)
+            rec.base_mmd2[bname] = float(losses.mmd2(real, feats, bandwidth=bandwidth))
+            rec.base_probe[bname] = _sample_probe(ts, imgs, labels, feats, cfg.seed)
         for name, res in results.items():
             pipe.load_lora_weights(str(art / "lora" / name), adapter_name="ft")
             pipe.set_adapters(["ft"], adapter_weights=[sampling.lora_scale])
@@ -1077,9 +1079,14 @@ def train_variants(run: Any, cfg: FinetuneConfig, variants: Sequence[str], clip_
                 pipe.unload_lora_weights()
             _save_samples(sample_dir / f"{name}.safetensors", imgs, labels)
             res.samples = Record.rel(root, sample_dir / f"{name}.safetensors")
-            res.mmd2_after = float(losses.mmd2(real, _clip_features(clip, imgs, cfg.device), bandwidth=bandwidth))
+            feats = _clip_features(clip, imgs, cfg.device)
+            res.mmd2_after = float(losses.mmd2(real, feats, bandwidth=bandwidth))
             res.mmd2_before = rec.base_mmd2[res.before]
-            log(f"MMD2(real train, {name}) = {res.mmd2_after:.4f} (before: {res.before} {res.mmd2_before:.4f})")
+            pr = _sample_probe(ts, imgs, labels, feats, cfg.seed)
+            res.probe_accuracy, res.probe_clip = pr["pixels"], pr["clip"]
+            log(f"MMD2(real train, {name}) = {res.mmd2_after:.4f} (before: {res.before} {res.mmd2_before:.4f}); "
+                f"sample probe {pr['pixels']:.3f} (pixels) / {pr['clip']:.3f} (CLIP) "
+                f"(before: {rec.base_probe[res.before]['pixels']:.3f} / {rec.base_probe[res.before]['clip']:.3f})")
     rec.save(root)
     return rec
 

@@ -40,7 +40,9 @@ from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import numpy as np
 
-from . import data
+from . import data, finetune as ft, synthesize as syn
+from .classify import TensorImages, load_classifier, predict_logits, train_classifier
+from .finetune import FinetuneConfig, FinetuneRecord
 from .records import Record
 from .rundir import atomic_path, content_hash, is_done, mark_done, read_json, tree_sha256, write_json
 
@@ -627,26 +629,8 @@ def load_shadow_scores(out_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarr
 # --------------------------------------------------------------------------------------------------
 # Glue to the kit's classifier trainer (realfake_utils.classify)
 # --------------------------------------------------------------------------------------------------
-class TensorImages:
-    """A (PIL image, label) dataset over uint8 images ``[N,3,H,W]`` (what ``classify.train_classifier``
-    consumes)."""
-
-    def __init__(self, images, labels):
-        self.images, self.labels = images, [int(y) for y in labels]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int):
-        from PIL import Image
-
-        return Image.fromarray(self.images[i].permute(1, 2, 0).numpy()), self.labels[i]
-
-
 def query_logits(model, images, batch_size: int = 256) -> np.ndarray:
     """Logits ``[N, 2, C]`` of the image and its horizontal flip (Carlini et al.'s two queries)."""
-    from .classify import predict_logits
-
     a = predict_logits(model, images, batch_size=batch_size)
     b = predict_logits(model, images.flip(-1), batch_size=batch_size)
     return np.stack([_to_numpy(a), _to_numpy(b)], 1)
@@ -655,8 +639,6 @@ def query_logits(model, images, batch_size: int = 256) -> np.ndarray:
 def train_target(out_dir: str | os.PathLike, images, labels, num_classes: int, recipe: dict[str, Any],
                  seed: int, device: str = "auto"):
     """Train (or read back) one classifier with ``classify.train_classifier`` and return it (eval)."""
-    from .classify import load_classifier, train_classifier
-
     train_classifier(out_dir, TensorImages(images, labels), None, num_classes, recipe, seed=seed,
                      device=device)
     return load_classifier(out_dir, device=device)
@@ -821,8 +803,6 @@ def member_finetune_config(run: Any, variant: str, output_dir: str | os.PathLike
     """02's resolved fine-tuning configuration of ``variant``, from 02's record
     (``FinetuneRecord.config_of`` -> ``FinetuneConfig.from_record``, never rebuilt from parameters):
     only the output folder differs; the training data (the members) is given to the trainer."""
-    from .finetune import FinetuneConfig, FinetuneRecord
-
     rec = FinetuneRecord.load(run)
     rec.config_of(variant, _run_root(run))   # a clear error when 02 did not train this variant
     return FinetuneConfig.from_record(rec, variant=variant, output_dir=str(output_dir))
@@ -831,8 +811,6 @@ def member_finetune_config(run: Any, variant: str, output_dir: str | os.PathLike
 def members_train_set(run: Any, private: PrivateData):
     """02's training data (``artifacts/lora/train_set.safetensors``: images, prompts, CLIP embeddings as
     02 trained on them) restricted to the members."""
-    from . import finetune as ft
-
     path = _run_root(run) / "artifacts" / "lora" / ft.TRAIN_SET_NAME
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run 02_finetune first (06 fine-tunes on the "
@@ -871,9 +849,6 @@ def synthetic_target(run: Any, private: PrivateData, recipe: dict[str, Any], see
     configurations, the base model's content and the recipe); every stage resumes.
     """
     import torch
-
-    from . import finetune as ft
-    from . import synthesize as syn
 
     plan = syn.SynthesisRecord.load(run)
     target_set = plan.set_named(set_name) if set_name else plan.default()

@@ -14,8 +14,9 @@ from .pretrain import (MiniatureConfig, PartSummary, build_clip, build_miniature
                        build_vae, clip_image_embeds, clip_normalize, encode_latents, key_path, noise_scheduler,
                        part_hash, remove_work, sampling_scheduler, save_clip, tokenize, train_clip, train_loop,
                        train_oracle, train_unet, train_vae)
+from .classify import synthetic_only_check
 from .probe import (feature_probe_accuracy, mmd2, mmd_report, probe_accuracy, probe_features,
-                    sample_prompts, synthetic_only_check)
+                    sample_prompts)
 
 sample_base = sample_prompts      # the name 01 used before the split
 artifact_hash = part_hash

@@ -37,9 +37,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
-from .classify import accuracy_metrics, predict_logits
-from .lira import TensorImages
+from . import data
+from .classify import _k_axis, accuracy_metrics, evaluate, load_classifier, predict_logits, train_classifier
+from .classify import TensorImages
+from .plots import image_grid
 from .records import Record
+from .stats import seed_stats
 
 DATA_DIR = Path(__file__).resolve().parent / "resources"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG")
@@ -127,8 +130,6 @@ class OODFolder(torch.utils.data.Dataset):
 
 def evaluate_folder(model, dataset: OODFolder, recipe: dict[str, Any], num_classes: int,
                     device: str = "cpu", restrict: bool = True) -> dict[str, Any]:
-    from .classify import evaluate
-
     allowed = dataset.allowed if restrict else None
     m = evaluate(model, dataset, num_classes, recipe, device=device, allowed=allowed)
     return {"top1": m["top1"], "top5": m["top5"], "n": m["n_test"], "restricted": allowed is not None}
@@ -204,8 +205,6 @@ def train_filter_models(train_x: torch.Tensor, train_y: torch.Tensor, num_classe
                         seed: int = 0, device: str = "auto") -> list:
     """The ``hard`` set's filter models: ``n_models`` classifiers of the evaluated family trained on the
     real train split with their own seeds (10_000 + seed + i), cached (resumable) under ``out_dir``."""
-    from .classify import load_classifier, train_classifier
-
     ds = TensorImages(train_x, train_y)
     models = []
     for i in range(n_models):
@@ -359,8 +358,6 @@ def build_ood_sets(run: Any, image_size: int, recipe: dict[str, Any], *, miniatu
     ImageNet-style folders {name: OODFolder} for every non-empty root of ``roots`` (``imagenet-v2``,
     ``imagenet-sketch``, ``imagenet-r``, ``imagenet-a``), the clean test split (images, labels) or None).
     The hard set's filter CNNs train with ``recipe`` (04's) on the real train split."""
-    from . import data
-
     data_dir = (Path(run) if isinstance(run, (str, os.PathLike)) else Path(run.root)) / "artifacts" / "data"
     rows_all = data.read_manifest(data_dir / "manifest.csv")
     num_classes = len(data.class_names(rows_all))
@@ -399,8 +396,6 @@ def evaluate_classifiers(run: Any, runs: Sequence[Any], variants: dict[str, dict
     ``synthesis_seed``, ``classifier_seed``) on the clean test split and every OOD set; sets covering a
     class subset are also scored with the unrestricted arg-max (``"<set> (all classes)"``), as the
     official Real-Fake evaluation does."""
-    from .classify import load_classifier
-
     root = Path(run) if isinstance(run, (str, os.PathLike)) else Path(run.root)
     out: list[OODResult] = []
     for r in runs:
@@ -424,8 +419,6 @@ def evaluate_classifiers(run: Any, runs: Sequence[Any], variants: dict[str, dict
 def summarise(results: Sequence[OODResult], metric: str = "top1") -> list[OODLine]:
     """One :class:`OODLine` per (source, k, OOD set): ``metric`` in %, statistics over seeds from
     ``stats.seed_stats`` (the kit's one place for them)."""
-    from .stats import seed_stats
-
     groups: dict[tuple, list[float]] = {}
     for r in results:
         groups.setdefault((r.source, r.k, r.ood_set), []).append(100 * getattr(r, metric))
@@ -476,8 +469,6 @@ def plot_ood_vs_k(record: OODRecord, synthetic_source: str = "", real_source: st
     record's default set), with 95 % intervals, and each set's real-only level as a dashed line."""
     import matplotlib.pyplot as plt
 
-    from .classify import _k_axis
-
     src = synthetic_source or record.default_set
     lines = record.summary_top1 if metric == "top1" else record.summary_top5
     fig, ax = plt.subplots(figsize=(6, 3.8))
@@ -501,8 +492,6 @@ def plot_ood_vs_k(record: OODRecord, synthetic_source: str = "", real_source: st
 
 def variants_figure(clean: tuple, variants: dict[str, dict[str, Any]], per_row: int = 8):
     """Rows: clean test images, then each miniature OOD variant (a spread across classes)."""
-    from .plots import image_grid
-
     spread = lambda t: t[torch.linspace(0, len(t) - 1, min(per_row, len(t))).long()]  # noqa: E731
     show = torch.cat([spread(clean[0])] + [spread(v["images"]) for v in variants.values()])
     return image_grid(show, nrow=per_row, suptitle="rows: clean test, " + ", ".join(variants))

@@ -14,8 +14,15 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .pretrain import MiniatureConfig, PartSummary, train_oracle
-from .probe import probe_accuracy, sample_prompts, synthetic_only_check
+from . import data
+from .features import (build_prompt, caption_images, class_mean_features, extract_clip_features, make_captioner,
+                       save_feature_cache)
+from .models import load_clip_vision, load_pipeline
+from .plots import image_grid, per_class_grid
+from .pool import PoolIndex, caption_stats, make_pool
+from .pretrain import MiniatureConfig, PartSummary, build_miniature, clip_image_embeds, part_hash, train_oracle
+from .classify import synthetic_only_check
+from .probe import feature_probe_accuracy, mmd2, mmd_report, probe_accuracy, sample_prompts
 from .records import Record
 from .rundir import read_json, write_json
 
@@ -57,6 +64,7 @@ class PrepareRecord(Record):
     base_eval: dict[str, Any] = field(default_factory=dict)
     caption_kinds: Optional[dict[str, float]] = None
     pool_shift: Optional[dict[str, float]] = None
+    pool_index: Optional[PoolIndex] = None      # the upstream pool as an image-text index (pool.save_pool)
     torch_threads: int = 1
     seconds_total: float = 0.0
 
@@ -67,6 +75,9 @@ class PrepareRecord(Record):
         for key in ("base_model", "clip_model", "excluded_list"):
             if key in fields:
                 fields[key] = cls.rel(run, fields[key])
+        if fields.get("pool_index") is not None:
+            idx = fields["pool_index"]
+            fields["pool_index"] = PoolIndex(cls.rel(run, idx.path), idx.key, idx.n)
         return cls(parts=rel, **fields)
 
 @dataclass
@@ -96,8 +107,6 @@ def load_splits(dataset: str, data_root: str, data_dir: str | os.PathLike, split
     """``data.prepare_data`` (pool / train / test, disjoint and stratified) and the images: every split in
     memory for the miniature world; train and test read lazily for a real data set. Checks that the
     splits are disjoint and that train, test (and, for the miniature world, the pool) are not empty."""
-    from . import data
-
     manifest = data.prepare_data(dataset, data_root, data_dir, split_fractions, seed, class_map,
                                  test_root=test_root)
     rows = data.read_manifest(manifest)
@@ -118,24 +127,25 @@ def load_splits(dataset: str, data_root: str, data_dir: str | os.PathLike, split
     return Splits(rows, data.class_names(rows), split, images, labels, n_excluded, excluded_list)
 
 
-def pool_figures(pool: dict[str, Any], train_images: torch.Tensor, train_labels: torch.Tensor,
-                 class_names: Sequence[str]):
-    """One pool image per class with its web caption, and one target train image per class."""
+def pool_figures(pool: dict[str, Any] | None, splits: Splits) -> dict[str, Any]:
+    """``01_pool_images``: one pool image per class with its web caption; ``01_target_images``: one target
+    train image per class (none without a miniature pool)."""
     import textwrap
 
     import numpy as np
 
-    from .plots import image_grid
-
-    n = min(10, len(class_names))
+    if pool is None:
+        return {}
+    class_names, n = splits.class_names, min(10, len(splits.class_names))
     show = [int(np.flatnonzero(np.asarray(pool["labels"]) == c)[0]) for c in range(n)]
     fig_pool = image_grid(pool["images"][show], nrow=n, titles=[textwrap.fill(pool["captions"][i]["caption"], 16)
                                                                  for i in show],
                           size=1.1, suptitle="upstream pool (shifted images, web captions)")
-    tshow = [int(np.flatnonzero(train_labels.numpy() == c)[0]) for c in range(n)]
-    fig_target = image_grid(train_images[tshow], nrow=n, titles=[textwrap.fill(class_names[c], 14) for c in range(n)],
+    tshow = [int(np.flatnonzero(splits.labels["train"].numpy() == c)[0]) for c in range(n)]
+    fig_target = image_grid(splits.images["train"][tshow], nrow=n,
+                            titles=[textwrap.fill(class_names[c], 14) for c in range(n)],
                             size=1.1, suptitle="target task (train)")
-    return fig_pool, fig_target
+    return {"01_pool_images": fig_pool, "01_target_images": fig_target}
 
 
 def caption_examples(pool: dict[str, Any], class_names: Sequence[str], n: int = 8) -> list[str]:
@@ -151,9 +161,6 @@ def clip_features(clip_path: str, clip_key: str, splits: Splits, features_dir: s
     first when the CLIP changed, see :func:`reset_stale_features`) and the per-class means of the train
     features into ``features/class_means.safetensors`` (the visual guidance token's, Sec. 3.2).
     Returns ``(vision model, {split: features}, class means)``."""
-    from .features import class_mean_features, extract_clip_features, save_feature_cache
-    from .models import load_clip_vision
-
     fdir = Path(features_dir)
     if reset_stale_features(fdir, clip_key):
         print("CLIP changed: old feature caches removed")
@@ -175,9 +182,6 @@ def evaluate_base(pipe, vision, splits: Splits, feats: dict[str, torch.Tensor], 
     set beside the real noise floor (``probe.mmd_report``) and, with the miniature ``pool``, the sample
     probes (luminance-normalised pixels, raw pixels, CLIP features) on the real test set (the ceiling),
     the samples and the shifted pool. Returns ``(base_eval, samples, sample labels)``."""
-    from .pretrain import clip_image_embeds
-    from .probe import feature_probe_accuracy, mmd_report
-
     t0 = time.time()
     x, y = sample_prompts(pipe, splits.class_names, n_per_class, guidance_scale, sample_steps, seed)
     out: dict[str, Any] = {"sample_seconds": round(time.time() - t0, 1)}
@@ -199,9 +203,6 @@ def pool_mmd(vision, feats: dict[str, torch.Tensor], pool: dict[str, Any] | None
              unshifted_pool: torch.Tensor | None) -> dict[str, float]:
     """MMD² in CLIP space: train vs test (the noise floor), shifted pool vs train (the gap fine-tuning must
     close) and the unshifted pool vs train."""
-    from .pretrain import clip_image_embeds
-    from .probe import mmd2
-
     out = {"train_vs_test": mmd2(feats["train"], feats["test"])} if "test" in feats else {}
     if pool is not None:
         out["pool_vs_train"] = mmd2(clip_image_embeds(vision, pool["images"]), feats["train"])
@@ -224,10 +225,8 @@ def oracle_check(art_dir: str | os.PathLike, class_names: Sequence[str], train: 
                  sample_steps: int = 20, guidance_scale: float = 2.0, recipe: str = "miniature",
                  device: str = "auto", log=print) -> tuple[OracleCheck, PartSummary, torch.Tensor, torch.Tensor]:
     """Train (or reuse) the capacity oracle (``pretrain.train_oracle``), sample it at 1x and compare
-    synthetic-only with real top-1 (``probe.synthetic_only_check``). ``train`` / ``test``:
+    synthetic-only with real top-1 (``classify.synthetic_only_check``). ``train`` / ``test``:
     ``(uint8 images, labels)``. Returns ``(check, oracle part, samples, sample labels)``."""
-    from .models import load_pipeline
-
     art = Path(art_dir)
     part = train_oracle(art, train_rows, train[0], prompts, cfg, log=log)
     pipe = load_pipeline(part.path, kind="txt2img", device=device)
@@ -258,5 +257,119 @@ def reset_stale_features(features_dir: str | os.PathLike, clip_key: str) -> bool
         write_json(rec, {"clip": clip_key})
     return removed
 
-__all__ = ["OracleCheck", "PrepareRecord", "Splits", "caption_examples", "check_models", "clip_features", "evaluate_base",
-           "excluded_count", "load_splits", "oracle_check", "pool_figures", "pool_mmd", "reset_stale_features"]
+
+# --------------------------------------------------------------------------------------------------
+# 01's stages, one call each: the notebook is parameters -> these calls -> figures -> checks
+# --------------------------------------------------------------------------------------------------
+def upstream_pool(splits: Splits, cfg: MiniatureConfig) -> dict[str, Any]:
+    """The miniature world's upstream pool (``pool.make_pool``: the ``pool`` split's images shifted,
+    with web-like captions), the stand-in for LAION that the base model and CLIP are pretrained on."""
+    return make_pool(splits.split["pool"], splits.images["pool"], splits.class_names, cfg)
+
+
+def pool_lines(pool: dict[str, Any] | None, class_names: Sequence[str], base_model: str = "") -> list[str]:
+    """The pool's caption kinds (``pool.caption_stats``) and :func:`caption_examples`, one line each."""
+    if pool is None:
+        return [f"base_model = {base_model}: no miniature pool (the base model was pretrained elsewhere)"]
+    kinds = {k: round(v, 3) for k, v in caption_stats(pool["captions"]).items()}
+    return [f"caption kinds in the pool: {kinds}"] + caption_examples(pool, class_names)
+
+
+def pretrain_miniature(art_dir: str | os.PathLike, splits: Splits, cfg: MiniatureConfig) -> dict[str, PartSummary]:
+    """``pretrain.build_miniature`` on the pool split: the miniature CLIP, VAE and base model, each reused
+    when its parameters and the pool are unchanged. Returns the parts' summaries by name."""
+    return build_miniature(art_dir, splits.split["pool"], splits.images["pool"], splits.class_names, cfg)["parts"]
+
+
+def parts_line(parts: dict[str, PartSummary]) -> str:
+    """One line: per part, trained or cached, its steps, final loss and seconds."""
+    if not parts:
+        return "no miniature parts (base_model and clip_model are given)"
+    return str({k: f"{'trained' if p.built else 'cached'}: {p.steps} steps, loss {p.final_loss:.4f}, {p.seconds:.0f}s"
+                for k, p in parts.items()})
+
+
+def model_paths(art_dir: str | os.PathLike, base_model: str, clip_model: str) -> tuple[str, str]:
+    """``(base model, CLIP)`` of the later steps: ``base_model`` / ``clip_model`` when given (an id or a
+    path), else the miniature world's ``artifacts/miniature/base`` and ``artifacts/miniature/clip``."""
+    art = Path(art_dir)
+    return base_model or str(art / "miniature" / "base"), clip_model or str(art / "miniature" / "clip")
+
+
+@dataclass
+class TargetFeatures:
+    """The target train set's conditioning (Sec. 3.2, Sec. 4.1): captions by id, the prompts
+    ``photo of [classname], [caption]``, the CLIP vision model, its image features per split and the
+    per-class means of the train features (the visual guidance token's)."""
+    captions: dict[str, str]
+    prompts: list[str]
+    vision: Any
+    feats: dict[str, torch.Tensor]
+    class_means: torch.Tensor
+
+    def lines(self) -> list[str]:
+        shapes = {s: tuple(f.shape) for s, f in self.feats.items()}
+        return [f"example prompts: {sorted(set(self.prompts))[:3]}",
+                f"CLIP features: {shapes} class means: {tuple(self.class_means.shape)}"]
+
+
+def target_features(art_dir: str | os.PathLike, splits: Splits, clip_path: str, clip_model: str = "",
+                    captioner: str = "none", captioner_model: str = "", batch_size: int = 64,
+                    device: str = "auto") -> TargetFeatures:
+    """Captions of the target train images (``features.make_captioner``, cached in ``captions.json``;
+    ``none`` for the fine-grained sets and EuroSAT as in the paper, BLIP-2 for ImageNet, Sec. 4.1), their
+    prompts (``features.build_prompt``) and :func:`clip_features` (the cache is keyed by the miniature
+    CLIP's content hash, or by the ``clip_model`` id)."""
+    art = Path(art_dir)
+    cap = make_captioner(captioner, captioner_model, device=device)
+    captions = caption_images(cap, splits.images["train"], [r["id"] for r in splits.split["train"]],
+                              art / "captions.json", progress=False)
+    prompts = [build_prompt(r["class_name"], captions[r["id"]]) for r in splits.split["train"]]
+    clip_key = clip_model or part_hash(clip_path)
+    vision, feats, means = clip_features(clip_path, clip_key, splits, art / "features", batch_size, device)
+    return TargetFeatures(captions, prompts, vision, feats, means)
+
+
+def capacity_oracle(art_dir: str | os.PathLike, splits: Splits, prompts: Sequence[str], cfg: MiniatureConfig,
+                    sample_steps: int = 20, guidance_scale: float = 2.0, device: str = "auto"):
+    """:func:`oracle_check` on the target's train and test splits and the figure of its samples
+    (``plots.per_class_grid``). Returns ``(check, oracle part, figure)``."""
+    im, lab = splits.images, splits.labels
+    check, part, x, y = oracle_check(art_dir, splits.class_names, (im["train"], lab["train"]),
+                                     (im["test"], lab["test"]), splits.split["train"], prompts, cfg,
+                                     sample_steps, guidance_scale, device=device)
+    fig = per_class_grid(x, y, splits.class_names, per_class=8, suptitle="capacity oracle (trained on the target)")
+    return check, part, fig
+
+
+def oracle_line(check: OracleCheck) -> str:
+    """One line: the oracle's real and synthetic-only top-1 (%), their gap and the sample probe."""
+    return (f"oracle: real {check.real_top1:.1f} %, synthetic only {check.synthetic_top1:.1f} % "
+            f"(gap {check.gap:.1f}), sample probe {check.probe:.3f}")
+
+
+def sample_base(base_path: str, target: TargetFeatures, splits: Splits, pool: dict[str, Any] | None,
+                n_per_class: int, guidance_scale: float, sample_steps: int, seed: int = 0, device: str = "auto"):
+    """The base model (``models.load_pipeline``, txt2img) through :func:`evaluate_base`, and the figure
+    of its samples per class. Returns ``(base_eval, figure)``."""
+    pipe = load_pipeline(base_path, kind="txt2img", device=device)
+    out, x, y = evaluate_base(pipe, target.vision, splits, target.feats, pool, n_per_class, guidance_scale,
+                              sample_steps, seed)
+    fig = per_class_grid(x, y, splits.class_names, per_class=min(10, n_per_class),
+                         suptitle=f"base model, 'photo of [class]', guidance {guidance_scale}")
+    return out, fig
+
+
+def split_fields(splits: Splits, pool: dict[str, Any] | None) -> dict[str, Any]:
+    """The :class:`PrepareRecord` fields that come from the splits and the pool: class names, images per
+    split, the excluded images (count and list) and the pool's caption kinds (``pool.caption_stats``)."""
+    return {"class_names": list(splits.class_names), "counts": {s: len(v) for s, v in splits.split.items()},
+            "excluded": splits.excluded, "excluded_list": str(splits.excluded_list),
+            "caption_kinds": caption_stats(pool["captions"]) if pool is not None else None}
+
+
+__all__ = ["OracleCheck", "PrepareRecord", "Splits", "TargetFeatures", "capacity_oracle", "caption_examples",
+           "check_models", "clip_features", "evaluate_base", "excluded_count", "load_splits", "model_paths",
+           "oracle_check", "oracle_line", "parts_line", "pool_figures", "pool_lines", "pool_mmd",
+           "pretrain_miniature", "reset_stale_features", "sample_base", "split_fields", "target_features",
+           "upstream_pool"]

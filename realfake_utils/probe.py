@@ -8,9 +8,7 @@ and the synthetic-only accuracy of the capacity oracle.
 - :func:`mmd_report`: MMD² (Gaussian kernel, median bandwidth, unbiased; ``losses.mmd2``) of samples to
   the target train set in CLIP space, beside the noise floor train-vs-test (two real samples of the
   target) and their ratio (goal: within 3x of the floor);
-- :func:`synthetic_only_check`: the kit's classifier recipe (``classify.train_classifier``, the one
-  ``04_train_classifier`` uses) trained once on real train images and once on generated ones, both
-  tested on the real test split (Table 1's "real" vs "synthetic only" in miniature).
+- the synthetic-only accuracy itself (a classifier trained on samples) is ``classify.synthetic_only_check``.
 """
 from __future__ import annotations
 
@@ -20,6 +18,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from .features import build_prompt
+from .losses import mmd2 as _mmd2
 
 
 def sample_prompts(pipe, class_names: Sequence[str], n_per_class: int | Sequence[int],
@@ -28,8 +28,6 @@ def sample_prompts(pipe, class_names: Sequence[str], n_per_class: int | Sequence
                    **pipe_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """Images from prompts ``photo of <class>`` (stock pipeline call): ``n_per_class`` per class (an int
     or one count per class, e.g. the train split's, for 1x). Returns ``(uint8 [N,3,H,W], labels [N])``."""
-    from .features import build_prompt
-
     counts = [int(n_per_class)] * len(class_names) if np.isscalar(n_per_class) else [int(c) for c in n_per_class]
     labels = [c for c, n in enumerate(counts) for _ in range(n)]
     out = []
@@ -100,8 +98,6 @@ def feature_probe_accuracy(train_feats: torch.Tensor, train_labels, eval_sets: d
 
 def mmd2(x: torch.Tensor, y: torch.Tensor) -> float:
     """Unbiased squared MMD, Gaussian kernel with the median heuristic (``losses.mmd2``)."""
-    from .losses import mmd2 as _mmd2
-
     return float(_mmd2(x, y, kernel="gaussian", unbiased=True))
 
 
@@ -111,8 +107,6 @@ def mmd_report(sample_feats: torch.Tensor, train_feats: torch.Tensor, test_feats
     train features). ``mmd2_vs_train`` / ``noise_floor``: unbiased (U-statistic; the floor is ~0 and can
     be negative); ``ratio``: of the biased (V-statistic, always > 0) estimates, samples / floor, the
     number the goal "within 3x of the real-test noise floor" is read on."""
-    from .losses import mmd2 as _mmd2
-
     t = torch.as_tensor(train_feats, dtype=torch.float64)
     bw = float(torch.cdist(t, t).flatten().median()) or 1.0
     kw = dict(kernel="gaussian", bandwidth=bw)
@@ -124,39 +118,5 @@ def mmd_report(sample_feats: torch.Tensor, train_feats: torch.Tensor, test_feats
             "ratio": vm / max(vfloor, 1e-12), "bandwidth": bw}
 
 
-class TensorImages(torch.utils.data.Dataset):
-    """uint8 ``[N,3,H,W]`` images with labels as a dataset of ``(PIL image, label)`` (what
-    ``classify.train_classifier`` reads)."""
-
-    def __init__(self, images: torch.Tensor, labels):
-        self.images, self.labels = images, [int(v) for v in labels]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int):
-        from PIL import Image
-
-        return Image.fromarray(self.images[i].permute(1, 2, 0).numpy()), self.labels[i]
-
-
-def synthetic_only_check(out_dir: str | os.PathLike, real: tuple, synthetic: tuple, test: tuple,
-                         num_classes: int, recipe: str = "miniature", image_size: int | None = None,
-                         seed: int = 0, device: str = "auto") -> dict[str, Any]:
-    """Real vs synthetic-only top-1 on the real test set with the kit's classifier recipe (the one 04
-    uses), one classifier each (``(images, labels)`` tuples). Returns ``{"real", "synthetic", "gap"}`` in
-    %; the classifiers are kept under ``out_dir`` (a rerun reuses them)."""
-    from .classify import load_recipe, train_classifier
-
-    rec = load_recipe(recipe, image_size=image_size)
-    test_set = TensorImages(*test)
-    acc = {}
-    for name, (x, y) in {"real": real, "synthetic": synthetic}.items():
-        m = train_classifier(Path(out_dir) / name, TensorImages(x, y), test_set, num_classes, rec, seed=seed,
-                             device=device, info={"source": name})
-        acc[name] = 100.0 * float(m["top1"])  # top1 is a fraction
-    return {**acc, "gap": acc["real"] - acc["synthetic"]}
-
-
-__all__ = ["TensorImages", "feature_probe_accuracy", "mmd2", "mmd_report", "probe_accuracy", "probe_features",
-           "sample_prompts", "synthetic_only_check"]
+__all__ = ["feature_probe_accuracy", "mmd2", "mmd_report", "probe_accuracy", "probe_features",
+           "sample_prompts"]

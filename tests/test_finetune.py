@@ -299,3 +299,19 @@ def test_train_variants_record_round_trip(tiny, tmp_path):
     assert again.base_model == str(art / "miniature" / "base") and not again.dm_loss
     assert again.replace(output_dir="", dm_loss=True, visual_guidance=True) == cfg.replace(output_dir="")
     assert [h["step"] for h in loaded.history(root, "lora-dm-vg")] == [0, 1]
+
+
+def test_sample_probe_fits_on_real_train_and_reads_the_prompted_class():
+    """02's sample probe: fitted on the real train split, it labels faithful samples by their prompted
+    class and samples under a wrong label as wrong (pixels and CLIP features alike)."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(40) % 2
+    images = torch.zeros(40, 3, 8, 8, dtype=torch.uint8)
+    images[labels == 0, :, :, :4] = 255           # class 0: bright left half; class 1: bright right half
+    images[labels == 1, :, :, 4:] = 255
+    images = (images.int() - torch.randint(0, 40, images.shape, generator=g)).clamp(0, 255).to(torch.uint8)
+    embeds = torch.nn.functional.one_hot(labels, 2).float() + 0.1 * torch.randn(40, 2, generator=g)
+    ts = ft.TrainSet(images=images, prompts=["p"] * 40, labels=labels, image_embeds=embeds)
+    right = ft._sample_probe(ts, images, labels, embeds, seed=0)
+    wrong = ft._sample_probe(ts, images, 1 - labels, embeds, seed=0)
+    assert right == {"pixels": 1.0, "clip": 1.0} and wrong == {"pixels": 0.0, "clip": 0.0}
