@@ -26,6 +26,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Iterable
+from .params import notebook_defaults
 
 LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 DM_LOSS_FORMS = ("paper", "official")
@@ -143,8 +144,6 @@ class FinetuneConfig:
         (default: 02's main-variant switches); ``base_model`` overrides the parameter (02 resolves
         ``""`` to the run folder's miniature base).
         """
-        from .params import notebook_defaults
-
         p = dict(notebook_defaults(NOTEBOOK))
         p.update({k: v for k, v in params.items() if k in p})
         names = {f.name for f in dataclasses.fields(cls)}
