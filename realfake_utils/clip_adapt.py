@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .pretrain import clip_normalize
 from .rundir import content_hash, done_info, is_done, mark_done, write_json
 
 # Templates the miniature CLIP knows (the pool's caption templates, ``miniature.CAPTION_TEMPLATES``).
@@ -55,6 +56,15 @@ class AdaptConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> "AdaptConfig":
+        """The recipe from ``08_retrieval_baseline``'s parameters ``adapt_lr``, ``adapt_batch_size``,
+        ``adapt_epochs``, ``adapt_weight_decay``, ``adapt_warmup_steps``, ``adapt_train_head`` and ``lp_C``."""
+        return cls(lr=float(params["adapt_lr"]), batch_size=int(params["adapt_batch_size"]),
+                   epochs=int(params["adapt_epochs"]), weight_decay=float(params["adapt_weight_decay"]),
+                   warmup_steps=int(params["adapt_warmup_steps"]), train_head=bool(params["adapt_train_head"]),
+                   lp_C=float(params["lp_C"]))
+
 
 PAPER = AdaptConfig()  # lr 1e-5, batch 512, 30 epochs, wd 0.1, 500 warm-up steps (Geng et al.'s code)
 MINIATURE = AdaptConfig(lr=3e-4, batch_size=64, epochs=4, weight_decay=0.1, warmup_steps=5)
@@ -74,8 +84,6 @@ def _features(out: Any) -> torch.Tensor:
 def pixel_values(model, images: torch.Tensor) -> torch.Tensor:
     """uint8 ``[N,3,H,W]`` -> CLIP pixel values at the model's input size (``miniature.clip_normalize``,
     bicubic resize when the sizes differ)."""
-    from .miniature import clip_normalize
-
     size = int(model.config.vision_config.image_size)
     px = clip_normalize(images)
     if px.shape[-2:] != (size, size):
@@ -95,22 +103,29 @@ def encode_images(model, images: torch.Tensor, batch_size: int = 256, grad: bool
 
 
 @torch.no_grad()
+def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    """Text embeddings ``[B, D]`` (``get_text_features``, not normalised), tokenized padded to the model
+    length as in the miniature CLIP's training."""
+    dev = next(model.parameters()).device
+    out = []
+    for s in range(0, len(texts), batch_size):
+        enc = tokenizer(list(texts[s:s + batch_size]), padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt")
+        out.append(_features(model.get_text_features(input_ids=enc.input_ids.to(dev),
+                                                     attention_mask=enc.attention_mask.to(dev))).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+@torch.no_grad()
 def zero_shot_head(model, tokenizer, class_names: Sequence[str],
                    templates: Sequence[str] = MINIATURE_TEMPLATES) -> torch.Tensor:
     """``[C, D]`` zero-shot weights: per class the normalised mean of the normalised text embeddings of
     every template (CLIP's prompt ensembling)."""
     if not templates or not class_names:
         raise ValueError("zero_shot_head needs at least one class name and one template ('... {} ...')")
-    dev = next(model.parameters()).device
-    rows = []
-    for c in class_names:
-        texts = [t.format(c) for t in templates]
-        enc = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt")
-        e = _features(model.get_text_features(input_ids=enc.input_ids.to(dev),
-                                              attention_mask=enc.attention_mask.to(dev))).float()
-        rows.append(F.normalize(F.normalize(e, dim=-1).mean(0), dim=-1))
-    return torch.stack(rows).cpu()
+    e = encode_texts(model, tokenizer, [t.format(c) for c in class_names for t in templates])
+    e = F.normalize(e, dim=-1).reshape(len(class_names), len(templates), -1)
+    return F.normalize(e.mean(1), dim=-1)
 
 
 def accuracy(logits: torch.Tensor, labels: Sequence[int] | torch.Tensor) -> float:
@@ -249,5 +264,5 @@ def adapt_unit(out_dir: str | Path, model, head: torch.Tensor, images: torch.Ten
 
 
 __all__ = ["AdaptConfig", "CLIP_TEMPLATES", "MINIATURE", "MINIATURE_TEMPLATES", "PAPER", "accuracy", "adapt",
-           "adapt_unit", "encode_images", "resolve_device", "evaluate", "linear_probe", "load_clip", "lr_at", "pixel_values",
+           "adapt_unit", "encode_images", "encode_texts", "resolve_device", "evaluate", "linear_probe", "load_clip", "lr_at", "pixel_values",
            "zero_shot_accuracy", "zero_shot_head"]

@@ -16,13 +16,19 @@ world, chosen once for realism (it is not tuned to make the paper's claims come 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import os
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from .rundir import atomic_path, confine, content_hash, is_done, mark_done
+from .features import NEGATIVE_PROMPT
 
 # --------------------------------------------------------------------------------------------------
 # Captions: alt-text-like, partly wrong
@@ -105,8 +111,6 @@ def caption_stats(captions: Sequence[dict]) -> dict[str, float]:
 
 def vocabulary(class_names: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
     """Every word the captions and prompts of the miniature world use (one token each)."""
-    from .features import NEGATIVE_PROMPT
-
     words: list[str] = []
     texts = list(class_names) + [t.replace("{c}", "") for t in CAPTION_TEMPLATES]
     texts += list(GENERIC_CAPTIONS) + list(NOISE_WORDS) + list(STYLE_WORDS) + [NEGATIVE_PROMPT]
@@ -245,6 +249,125 @@ def make_pool(pool_rows: Sequence[dict], pool_images: torch.Tensor, class_names:
     return {"ids": ids, "labels": labels, "images": images, "styles": styles, "captions": caps}
 
 
-__all__ = ["CAPTION_TEMPLATES", "DEFAULT_SHIFT", "GENERIC_CAPTIONS", "HUE_WORDS", "NOISE_WORDS", "PoolConfig",
-           "STYLE_WORDS", "caption_stats", "make_pool", "pool_fingerprint", "shift_images", "vocabulary",
-           "web_captions"]
+# --------------------------------------------------------------------------------------------------
+# The pool as an image-text index (LAION-style): written once by 01, read by 08
+# --------------------------------------------------------------------------------------------------
+POOL_INDEX_DIR = "data/pool"      # under artifacts/: 01's pool as an index (images/ + captions.jsonl)
+POOL_CAPTION_FILES = ("captions.jsonl", "captions.csv")
+
+
+@dataclass
+class PoolIndex:
+    """A pool written as an image-text index (:func:`save_pool`): the folder (relative to the run folder
+    inside a record), the content key of its ``DONE.json`` (``rundir.is_done`` verifies every file) and
+    the number of images."""
+    path: str
+    key: str
+    n: int
+
+
+def save_pool(folder: str | os.PathLike, pool: dict[str, Any], class_names: Sequence[str]) -> PoolIndex:
+    """Write the upstream pool of :func:`make_pool` once, as the image-text index :func:`read_pool_index`
+    reads (the LAION-style format of a paper preset's ``pool_index``): ``images/<n>.png`` (the *shifted*
+    images the base model and CLIP were pretrained on) and ``captions.jsonl`` (``file``, ``caption``,
+    ``id``, ``label``, ``class_name``, ``kind``, ``caption_label``), files temp-then-rename, the
+    ``DONE.json`` marker last (key: ``rundir.content_hash`` of ids, labels, captions and image bytes).
+    An unchanged pool whose files verify is not rewritten."""
+    folder = Path(folder)
+    images = pool["images"].contiguous()
+    key = content_hash({"ids": list(pool["ids"]), "labels": [int(v) for v in pool["labels"]],
+                        "captions": [c["caption"] for c in pool["captions"]],
+                        "images": hashlib.sha256(images.numpy().tobytes()).hexdigest(), "shape": list(images.shape)})
+    out = PoolIndex(str(folder), key, len(pool["ids"]))
+    if is_done(folder, key):
+        return out
+    from PIL import Image
+
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rows, files = [], []
+    for n, (item_id, label, cap) in enumerate(zip(pool["ids"], pool["labels"], pool["captions"])):
+        rel = f"images/{n:06d}.png"
+        with atomic_path(folder / rel) as tmp:
+            Image.fromarray(images[n].permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+        rows.append({"file": rel, "caption": cap["caption"], "id": str(item_id), "label": int(label),
+                     "class_name": class_names[int(label)], "kind": cap["kind"],
+                     "caption_label": int(cap["caption_label"])})
+        files.append(rel)
+    keep = set(files)
+    for png in (folder / "images").glob("*.png"):
+        if f"images/{png.name}" not in keep:
+            png.unlink()     # a larger earlier pool's images
+    with atomic_path(folder / "captions.jsonl") as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    mark_done(folder, key, ["captions.jsonl"] + files, {"n": len(rows)})
+    return out
+
+
+def read_pool_index(folder: str | os.PathLike, class_names: Sequence[str] | None = None,
+                    check_images: bool = True) -> tuple[list[dict], list[dict]]:
+    """Rows ``{id, path, caption, label}`` of a LAION-style image-text index in ``folder``, and the
+    excluded rows ``{id, path, reason}`` (unreadable images, as ``01_prepare`` excludes them).
+
+    Accepted layouts, first match wins:
+
+    - ``captions.jsonl``: one JSON object per line, ``{"file": "<path relative to folder>",
+      "caption": "<alt text>"}``, optionally ``"id"``, and ``"label"`` (int) or ``"class_name"`` when the
+      true class is known (then label precision is measured; ``-1`` / absent = unknown); what
+      :func:`save_pool` writes;
+    - ``captions.csv``: the same fields as columns (header ``file,caption[,label|class_name][,id]``);
+    - img2dataset's ``files`` output: ``<shard>/<key>.jpg`` (or .png / .webp) with the caption in
+      ``<shard>/<key>.txt`` beside it.
+
+    Every ``file`` must stay inside ``folder`` (``rundir.confine``: absolute paths and ``..`` escapes
+    are an :class:`~realfake_utils.rundir.UnsafePathError`).
+    """
+    import csv
+
+    from .data import _check_image
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"pool_index {folder} is not a folder (expected images + captions.jsonl, "
+                                "captions.csv, or img2dataset 'files' output)")
+    names = {c: i for i, c in enumerate(class_names or [])}
+    raw: list[dict] = []
+    if (folder / "captions.jsonl").exists():
+        for n, line in enumerate((folder / "captions.jsonl").read_text().splitlines()):
+            if line.strip():
+                try:
+                    raw.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{folder / 'captions.jsonl'} line {n + 1} is not JSON ({err})") from None
+    elif (folder / "captions.csv").exists():
+        with open(folder / "captions.csv", newline="", encoding="utf-8") as f:
+            raw = list(csv.DictReader(f))
+    else:
+        for img in sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp")):
+            txt = img.with_suffix(".txt")
+            raw.append({"file": str(img.relative_to(folder)),
+                        "caption": txt.read_text().strip() if txt.exists() else ""})
+    if not raw:
+        raise ValueError(f"pool_index {folder}: no images found")
+    rows, excluded = [], []
+    for r in raw:
+        if not isinstance(r, dict) or "file" not in r or "caption" not in r:
+            raise ValueError(f"pool_index {folder}: every row needs 'file' and 'caption', got {r}")
+        path = confine(folder, str(r["file"]), what=f"pool_index {folder}: file")
+        label = r.get("label", "")
+        label = int(label) if str(label).strip() not in ("", "None") else names.get(r.get("class_name", ""), -1)
+        row = {"id": str(r.get("id") or f"pool/{r['file']}"), "path": str(path), "index": -1,
+               "caption": str(r["caption"] or ""), "label": int(label)}
+        reason = (_check_image(str(path)) if path.is_file() else "missing file") if check_images else ""
+        if reason:
+            excluded.append({"id": row["id"], "path": row["path"], "reason": reason})
+        else:
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"pool_index {folder}: none of its {len(raw)} images is readable "
+                         f"(first: {excluded[0]['path']}: {excluded[0]['reason']})")
+    return rows, excluded
+
+
+__all__ = ["CAPTION_TEMPLATES", "DEFAULT_SHIFT", "GENERIC_CAPTIONS", "HUE_WORDS", "NOISE_WORDS", "POOL_INDEX_DIR",
+           "PoolConfig", "PoolIndex", "STYLE_WORDS", "caption_stats", "make_pool", "pool_fingerprint",
+           "read_pool_index", "save_pool", "shift_images", "vocabulary", "web_captions"]

@@ -91,3 +91,15 @@ def test_adapt_unit_is_a_resumable_finished_unit(tiny_clip, tmp_path):
     assert m1 == m2 and set(m1) >= {"zero_shot", "linear_probe", "n"}
     from realfake_utils.rundir import read_json
     assert read_json(tmp_path / "u" / "metrics.json")["n"] == 32
+
+
+def test_adapt_config_from_08s_parameters_and_batched_text_embeddings(tiny_clip):
+    p = {"adapt_lr": 1e-5, "adapt_batch_size": 512, "adapt_epochs": 30, "adapt_weight_decay": 0.1,
+         "adapt_warmup_steps": 500, "adapt_train_head": False, "lp_C": 1.0, "seed": 3}
+    assert clip_adapt.AdaptConfig.from_params(p) == clip_adapt.PAPER
+    model, tok = tiny_clip
+    texts = ["photo of red", "a blue image", "red"]
+    one = clip_adapt.encode_texts(model, tok, texts, batch_size=1)
+    assert one.shape == (3, model.config.projection_dim)
+    assert torch.allclose(one, clip_adapt.encode_texts(model, tok, texts), atol=1e-5)
+    assert not torch.allclose(one[0], one[1])
