@@ -31,7 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import data, synthesize as syn
 from .records import Record
+from .rundir import atomic_path, read_json, write_json
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -315,8 +317,6 @@ def train_miniature_descriptor(images: torch.Tensor, out_path: str | os.PathLike
     images) match, nothing is trained. The SHA-256 is recorded in the ``.json`` at training time; a
     preset that ships a real SSCD model gives it in ``sscd_sha256`` instead.
     """
-    from .rundir import atomic_path, read_json, write_json
-
     out_path = Path(out_path)
     meta_path = out_path.with_suffix(".json")
     data_hash = hashlib.sha1(images.contiguous().numpy().tobytes()).hexdigest()
@@ -365,6 +365,62 @@ def train_miniature_descriptor(images: torch.Tensor, out_path: str | os.PathLike
     sha = sha256_file(out_path)
     write_json(meta_path, {"config": cfg, "sha256": sha, "final_loss": float(np.mean(losses[-10:]))
                            if losses else None})
+    return out_path, sha
+
+
+# --------------------------------------------------------------------------------------------------
+# SSCD's published architectures with random weights (the paper-shape run: no download, no hub)
+# --------------------------------------------------------------------------------------------------
+SSCD_ARCHS = {  # SSCD model zoo (Pizzi et al. 2022, facebookresearch/sscd-copy-detection README): trunk, dim
+    "disc_large": ("resnext101_32x4d", 1024),   # sscd_disc_large: ResNeXt101 32x4d, GeM, 1024-d (Sec. 4.5, Apx. G.4)
+    "disc_mixup": ("resnet50", 512),            # sscd_disc_mixup: ResNet-50, GeM, 512-d (an option)
+}
+
+
+class SSCDShaped(nn.Module):
+    """SSCD's model layout: a ResNet / ResNeXt trunk (timm, no classifier head), GeM pooling (p = 3),
+    a linear projection to the descriptor size, L2 normalisation. Input: an ImageNet-normalised batch
+    (:func:`preprocess`), output ``[N, dim]``, as the released TorchScript files."""
+
+    def __init__(self, trunk: str = "resnext101_32x4d", dim: int = 1024, gem_p: float = 3.0):
+        super().__init__()
+        import timm
+
+        self.backbone = timm.create_model(trunk, pretrained=False, num_classes=0, global_pool="")
+        self.gem_p = gem_p
+        self.embeddings = nn.Linear(self.backbone.num_features, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.backbone.forward_features(x)
+        h = h.clamp(min=1e-6).pow(self.gem_p).mean(dim=(2, 3)).pow(1.0 / self.gem_p)
+        return F.normalize(self.embeddings(h), dim=1)
+
+
+def build_sscd_shapes(out_path: str | os.PathLike, arch: str = "disc_large", seed: int = 0) -> tuple[Path, str]:
+    """An SSCD descriptor of the published architecture ``arch`` (:data:`SSCD_ARCHS`; ``disc_large`` is
+    the paper's, Sec. 4.5) with random weights, exported with ``torch.jit.script`` to ``out_path`` as the
+    released ``sscd_*.torchscript.pt`` files are, so :func:`load_descriptor` (with the SHA-256 check)
+    reads it. Returns (path, SHA-256). Byte-identical for the same ``arch`` and ``seed``; kept when the
+    file and its ``.json`` already match."""
+    if arch not in SSCD_ARCHS:
+        raise ValueError(f"unknown SSCD architecture '{arch}': one of {sorted(SSCD_ARCHS)}")
+    out_path, (trunk, dim) = Path(out_path), SSCD_ARCHS[arch]
+    meta_path = out_path.with_suffix(".json")
+    cfg = {"arch": arch, "trunk": trunk, "dim": dim, "seed": seed, "weights": "random"}
+    if out_path.exists() and meta_path.exists():
+        meta = read_json(meta_path)
+        if meta.get("config") == cfg and meta.get("sha256") == sha256_file(out_path):
+            return out_path, meta["sha256"]
+    torch.manual_seed(seed)
+    model = SSCDShaped(trunk, dim).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(model)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_path) as tmp:
+        tmp.write_bytes(stable_torchscript_bytes(scripted))
+    sha = sha256_file(out_path)
+    write_json(meta_path, {"config": cfg, "sha256": sha})
     return out_path, sha
 
 
@@ -570,9 +626,6 @@ def synthetic_sets(run, image_size: int, max_per_set: int = 0, only: Sequence[st
     ``/s<seed>`` for synthesis seeds > 0), or, without a record, every ``manifest.jsonl`` under
     ``artifacts/synthetic``; ``only`` restricts to those ids. Also returns the full method's set id
     (03's ``default_row``) or "" when absent."""
-    from . import data
-    from . import synthesize as syn
-
     root = run_root(run)
     rec = syn.SynthesisRecord.load_or_none(root) if hasattr(syn, "SynthesisRecord") else None
     found: dict[str, Path] = {}
@@ -613,6 +666,6 @@ __all__ = [
     "THRESHOLDS", "CALIBRATION_KINDS", "Calibration", "SSCDRecord", "SetCopies", "TinyDescriptor",
     "calibrate", "calibrate_threshold", "planted_copies", "set_copies", "stand_in_set", "synthetic_sets", "augment", "background_normalize", "compute_descriptors",
     "center", "copy_stats", "info_nce", "jpeg", "koleo", "load_descriptor", "near_copies",
-    "plot_similarity_histogram", "plot_top_matches", "preprocess", "recorded_sha256", "sha256_file",
+    "plot_similarity_histogram", "build_sscd_shapes", "SSCDShaped", "SSCD_ARCHS", "plot_top_matches", "preprocess", "recorded_sha256", "sha256_file",
     "topk_similar", "train_miniature_descriptor",
 ]
