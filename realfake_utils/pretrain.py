@@ -48,7 +48,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .models import atomic_dir
+from .features import encode_prompts
+from .models import (_quiet_transformers, atomic_dir, build_tokenizer, clip_image_processor,
+                     save_clip_tokenizer, save_sd_pipeline)
 from .pool import PoolConfig, make_pool, pool_fingerprint, vocabulary
 from .rundir import atomic_path, content_hash, done_info, is_done, mark_done, read_json, write_json
 
@@ -192,8 +194,6 @@ def train_clip(model, images: torch.Tensor, tokens: dict[str, torch.Tensor], ste
 def save_clip(model, tokenizer, out_dir: str | os.PathLike, image_size: int) -> Path:
     """Save a CLIPModel folder in ViT-L/14's layout: weights + config, ``CLIPImageProcessor``
     (``preprocessor_config.json``) and the tokenizer (``vocab.json`` + ``merges.txt``)."""
-    from .models import clip_image_processor, save_clip_tokenizer
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -499,8 +499,6 @@ class MiniatureConfig(PoolConfig):
 def _load_text_encoder(clip_dir: Path):
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from .models import _quiet_transformers
-
     with _quiet_transformers():  # the vision weights are "unexpected" for the text tower: expected
         text_encoder = CLIPTextModel.from_pretrained(clip_dir).eval()
     return text_encoder, CLIPTokenizer.from_pretrained(clip_dir)
@@ -511,9 +509,6 @@ def _train_diffusion(tmp: Path, clip_dir: Path, vae_dir: Path, images: torch.Ten
     """Train a UNet on (images, prompts) with the frozen CLIP text tower and the VAE, save the
     ``StableDiffusionPipeline`` folder into ``tmp``; returns the losses."""
     from diffusers import AutoencoderKL
-
-    from .features import encode_prompts
-    from .models import save_sd_pipeline
 
     text_encoder, tok = _load_text_encoder(clip_dir)
     vae = AutoencoderKL.from_pretrained(vae_dir).eval()
@@ -541,8 +536,6 @@ def build_miniature(art_dir: str | os.PathLike, pool_rows: Sequence[dict], pool_
     **unshifted** pool images (the shift and captions are applied here, deterministically).
     Returns ``{"clip", "vae", "base": paths, "parts": {name: PartSummary}, "pool": make_pool(...)}``.
     """
-    from .models import build_tokenizer
-
     art = Path(art_dir)
     mini = art / "miniature"
     work = mini / ".work"
