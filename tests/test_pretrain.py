@@ -82,22 +82,26 @@ def test_a_few_clip_steps_reduce_the_loss():
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
 
 
-def test_train_loop_resumes_after_a_kill(tmp_path):
-    def make():
-        torch.manual_seed(0)
-        return torch.nn.Linear(4, 1)
+def make():
+    """The model of the train_loop tests: a seeded 4 -> 1 linear layer."""
+    torch.manual_seed(0)
+    return torch.nn.Linear(4, 1)
 
-    data = torch.randn(64, 4)
+
+def loss_of(model, kill_at=None):
+    """A train_loop loss on a fixed linear regression; raises KeyboardInterrupt at step ``kill_at`` (a kill)."""
+    data = torch.randn(64, 4, generator=torch.Generator().manual_seed(1))
     target = data @ torch.tensor([1.0, -2.0, 0.5, 3.0])[:, None]
 
-    def loss_of(model, kill_at=None):
-        def fn(step, gen):
-            if step == kill_at:
-                raise KeyboardInterrupt
-            idx = torch.randint(0, 64, (8,), generator=gen)
-            return torch.nn.functional.mse_loss(model(data[idx]), target[idx])
-        return fn
+    def fn(step, gen):
+        if step == kill_at:
+            raise KeyboardInterrupt
+        idx = torch.randint(0, 64, (8,), generator=gen)
+        return torch.nn.functional.mse_loss(model(data[idx]), target[idx])
+    return fn
 
+
+def test_train_loop_resumes_after_a_kill(tmp_path):
     ref_model = make()
     ref = P.train_loop(ref_model, loss_of(ref_model), 20, 0.05, log=lambda *a: None)
     ckpt = tmp_path / "ck.pt"
@@ -186,21 +190,6 @@ def test_one_block_vae_keeps_the_image_size_and_learns_the_identity():
 
 
 def test_ema_weights_are_the_average_and_resume_with_it(tmp_path):
-    def make():
-        torch.manual_seed(0)
-        return torch.nn.Linear(4, 1)
-
-    data = torch.randn(64, 4)
-    target = data @ torch.tensor([1.0, -2.0, 0.5, 3.0])[:, None]
-
-    def loss_of(model, kill_at=None):
-        def fn(step, gen):
-            if step == kill_at:
-                raise KeyboardInterrupt
-            idx = torch.randint(0, 64, (8,), generator=gen)
-            return torch.nn.functional.mse_loss(model(data[idx]), target[idx])
-        return fn
-
     ref, raw = make(), make()
     P.train_loop(ref, loss_of(ref), 20, 0.05, log=lambda *a: None, ema=0.9)
     P.train_loop(raw, loss_of(raw), 20, 0.05, log=lambda *a: None)
