@@ -892,6 +892,9 @@ class VariantResult:
     # the samples; on pixels with the luminance standardised per image, and on CLIP image features
     probe_accuracy: Optional[float] = None
     probe_clip: Optional[float] = None
+    # biased MMD² of the samples over that of the real test split (both to the real train split in CLIP
+    # space; ``probe.mmd_report``): the number the goal "within 3x of the real noise floor" is read on
+    mmd_ratio: Optional[float] = None
 
 
 @dataclass
@@ -904,6 +907,7 @@ class FinetuneRecord(Record):
     base_samples: dict[str, str] = field(default_factory=dict)    # base-vg / base-novg -> samples path
     base_mmd2: dict[str, float] = field(default_factory=dict)
     base_probe: dict[str, dict[str, float]] = field(default_factory=dict)   # {base-vg: {pixels, clip}}
+    base_mmd_ratio: dict[str, float] = field(default_factory=dict)          # as VariantResult.mmd_ratio
     mmd2_real_test: Optional[float] = None                         # the noise floor (real train vs test)
     mmd_bandwidth: Optional[float] = None
     n_train: int = 0
@@ -1050,6 +1054,7 @@ def train_variants(run: Any, cfg: FinetuneConfig, variants: Sequence[str], clip_
         bandwidth = losses.median_bandwidth(real)
         rec.mmd_bandwidth = bandwidth
         test_rows = [r for r in rows if r["split"] == "test"]
+        test_feats = None
         if len(test_rows) >= 2:
             test_feats = features.extract_clip_features(
                 clip, data.load_images(test_rows, image_size), [r["id"] for r in test_rows],
@@ -1068,6 +1073,8 @@ def train_variants(run: Any, cfg: FinetuneConfig, variants: Sequence[str], clip_
             feats = _clip_features(clip, imgs, cfg.device)
             rec.base_mmd2[bname] = float(losses.mmd2(real, feats, bandwidth=bandwidth))
             rec.base_probe[bname] = _sample_probe(ts, imgs, labels, feats, cfg.seed)
+            if test_feats is not None:
+                rec.base_mmd_ratio[bname] = probe.mmd_report(feats, real, test_feats)["ratio"]
         for name, res in results.items():
             pipe.load_lora_weights(str(art / "lora" / name), adapter_name="ft")
             pipe.set_adapters(["ft"], adapter_weights=[sampling.lora_scale])
@@ -1084,6 +1091,8 @@ def train_variants(run: Any, cfg: FinetuneConfig, variants: Sequence[str], clip_
             res.mmd2_before = rec.base_mmd2[res.before]
             pr = _sample_probe(ts, imgs, labels, feats, cfg.seed)
             res.probe_accuracy, res.probe_clip = pr["pixels"], pr["clip"]
+            if test_feats is not None:
+                res.mmd_ratio = probe.mmd_report(feats, real, test_feats)["ratio"]
             log(f"MMD2(real train, {name}) = {res.mmd2_after:.4f} (before: {res.before} {res.mmd2_before:.4f}); "
                 f"sample probe {pr['pixels']:.3f} (pixels) / {pr['clip']:.3f} (CLIP) "
                 f"(before: {rec.base_probe[res.before]['pixels']:.3f} / {rec.base_probe[res.before]['clip']:.3f})")

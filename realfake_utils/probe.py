@@ -22,6 +22,11 @@ from .features import build_prompt
 from .losses import mmd2 as _mmd2
 
 
+# issue 12's goals for a generator that learned the target (read in 02's record and REPORT.md)
+PROBE_GOAL = 0.90        # the sample probe labels at least this fraction of the samples as prompted
+MMD_RATIO_GOAL = 3.0     # biased MMD² of the samples at most this many times the real test split's
+
+
 def sample_prompts(pipe, class_names: Sequence[str], n_per_class: int | Sequence[int],
                    guidance_scale: float = 2.0, num_inference_steps: int = 20, seed: int = 0,
                    batch_size: int = 100, negative_prompt: str | None = None,
@@ -118,5 +123,5 @@ def mmd_report(sample_feats: torch.Tensor, train_feats: torch.Tensor, test_feats
             "ratio": vm / max(vfloor, 1e-12), "bandwidth": bw}
 
 
-__all__ = ["feature_probe_accuracy", "mmd2", "mmd_report", "probe_accuracy", "probe_features",
+__all__ = ["MMD_RATIO_GOAL", "PROBE_GOAL", "feature_probe_accuracy", "mmd2", "mmd_report", "probe_accuracy", "probe_features",
            "sample_prompts"]

@@ -157,6 +157,15 @@ def _table1_cell(rec: ReportRecord) -> str:
     return " / ".join(str(r[3]).split(" (n=")[0] for r in t.rows)
 
 
+def _checks_cell(rec: ReportRecord) -> str:
+    t = rec.tables.get("checks")
+    if t is None or not t.rows:
+        return "not measured"
+    met = sum("**no**" not in str(r[3]) for r in t.rows)
+    oracle = [r for r in t.rows if str(r[0]).startswith("capacity oracle")]
+    return f"{met} of {len(t.rows)} met" + (f"; oracle {oracle[0][1].split(' (sample')[0]})" if oracle else "")
+
+
 def readme_results(runs: Sequence[str | Path]) -> str:
     """The README's results section for the given run folders (each needs 09's record): one line per run
     (preset, machine, time, link to ``docs/results-<preset>.md`` with the whole report) and one table of
@@ -171,7 +180,9 @@ def readme_results(runs: Sequence[str | Path]) -> str:
                    + f" on {_machine_line(rec)}; paper numbers beside it: {rec.paper_column_label}.")
     out += ["", "| | " + " | ".join(f"`{r.preset}` ({r.verdict_label})" for r in recs) + " |",
             "|---|" + "---|" * len(recs),
-            "| Table 1 top-1 %: synthetic / real / real + synthetic | " + " | ".join(_table1_cell(r) for r in recs) + " |"]
+            "| Table 1 top-1 %: synthetic / real / real + synthetic | " + " | ".join(_table1_cell(r) for r in recs) + " |",
+            "| Generator checks (oracle gap, sample probe, MMD² ratio; REPORT.md) | "
+            + " | ".join(_checks_cell(r) for r in recs) + " |"]
     for i, c in enumerate(recs[0].claims if recs else []):
         out.append(f"| {c.id}. {c.title} | " + " | ".join(
             f"**{r.claims[i].verdict}**" if i < len(r.claims) else "-" for r in recs) + " |")

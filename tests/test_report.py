@@ -315,3 +315,28 @@ def test_readme_is_short_and_has_its_generated_sections():
     assert report.replace_section(text, report.RESULTS_START + "\nX\n" + report.RESULTS_END).count("\nX\n") == 1
     for link in ("docs/manual.md", "docs/scale-out.md", "docs/paper-shapes.md", "DEVELOPING.md"):
         assert link in text
+
+
+def test_generator_checks_from_01s_oracle_and_02s_samples(tmp_path):
+    """The generator checks of REPORT.md (issue 12's goals) read 01's oracle and 02's probe / MMD ratio."""
+    prep = prepare_record()
+    prep.oracle = prepare.OracleCheck(steps=600, n_samples=539, real_top1=97.0, synthetic_top1=95.5, gap=1.5,
+                                      probe=0.97, sample_steps=20, guidance_scale=2.0, recipe="miniature",
+                                      max_gap=3.0, within_goal=True)
+    fine = finetune_record()
+    fine.base_mmd2, fine.base_mmd_ratio = {"base-vg": 0.15}, {"base-vg": 40.0}
+    fine.base_probe = {"base-vg": {"pixels": 0.5, "clip": 0.4}}
+    v = fine.variants["lora-dm-vg"]
+    v.mmd2_before, v.mmd2_after, v.mmd_ratio, v.probe_accuracy, v.probe_clip = 0.15, 0.01, 2.5, 0.93, float("nan")
+    recs = saved(tmp_path, prep, fine)
+    t = T.generator_checks(recs)
+    rows = {r[0]: r for r in t.rows}
+    oracle = next(r for r in t.rows if r[0].startswith("capacity oracle"))
+    assert oracle[1].startswith("95.5 vs 97.0 (gap 1.5") and oracle[3] == "yes"
+    assert rows["base-vg samples: sample probe (pixels / CLIP features)"][3] == "pixels **no** / CLIP **no**"
+    assert rows["base-vg samples: MMD² over the real noise floor (biased, CLIP space)"][3] == "**no**"
+    assert rows["lora-dm-vg samples: sample probe (pixels / CLIP features)"][1:] == ["0.93 / -", ">= 0.90",
+                                                                                   "pixels yes / CLIP **no**"]
+    assert rows["lora-dm-vg samples: MMD² over the real noise floor (biased, CLIP space)"][1:] == [
+        "2.5x (MMD² 0.1500 -> 0.0100)", "<= 3x", "yes"]
+    assert T.generator_checks(T.RunRecords()).missing.startswith("not measured")
