@@ -74,27 +74,38 @@ def encode_prompts(text_encoder, tokenizer, prompts: str | Sequence[str],
     return out[0]
 
 
+def _guidance_inputs(where: str, prompt_embeds: torch.Tensor, feature: Any, name: str, plural: str
+                     ) -> tuple[torch.Tensor | None, int, int]:
+    """The checked inputs of the visual guidance token: ``prompt_embeds`` must be ``[B, L, D]``;
+    ``feature`` (``None`` passes through) becomes ``[B, D]`` or ``[1, D]`` (a ``[D]`` vector broadcast),
+    its width equal to the text width ``D`` (``models.check_guidance_compat``). Errors name ``where``
+    and the argument (``name``, counted as ``plural``). Returns ``(feature, B, D)``."""
+    if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.dim() != 3:
+        raise ValueError(f"{where}: prompt_embeds must be [B, L, D], got "
+                         f"{tuple(getattr(prompt_embeds, 'shape', ()))}")
+    b, _, d = prompt_embeds.shape
+    if feature is None:
+        return None, b, d
+    feature = torch.as_tensor(feature)
+    if feature.dim() == 1:
+        feature = feature[None]
+    if feature.dim() != 2:
+        raise ValueError(f"{where}: {name} must be [B, D] or [D], got {tuple(feature.shape)}")
+    check_guidance_compat(feature.shape[1], d)
+    if feature.shape[0] not in (1, b):
+        raise ValueError(f"{where}: {feature.shape[0]} {plural} for a batch of {b} prompts (give one per "
+                         "prompt, or one for all)")
+    return feature, b, d
+
+
 def guidance_token(prompt_embeds: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
     """The visual guidance token (Sec. 3.2): a copy of ``prompt_embeds`` ``[B, L, D]`` whose **last**
     position ``[:, -1, :]`` is replaced by the CLIP image embedding ``[B, D]`` (or ``[D]`` / ``[1, D]``,
     broadcast to the batch), unnormalised and unscaled, as in the official training code
     (``finetune/train_text_to_image_lora.py``: ``encoder_hidden_states[:, -1, :] = img_features``).
     Pure: the input is not modified; dtype and device follow ``prompt_embeds``."""
-    if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.dim() != 3:
-        raise ValueError(f"guidance_token: prompt_embeds must be [B, L, D], got "
-                         f"{tuple(getattr(prompt_embeds, 'shape', ()))}")
-    if not isinstance(image_embeds, torch.Tensor):
-        image_embeds = torch.as_tensor(image_embeds)
-    if image_embeds.dim() == 1:
-        image_embeds = image_embeds[None]
-    if image_embeds.dim() != 2:
-        raise ValueError(f"guidance_token: image_embeds must be [B, D] or [D], got "
-                         f"{tuple(image_embeds.shape)}")
-    b, _, d = prompt_embeds.shape
-    check_guidance_compat(image_embeds.shape[1], d)
-    if image_embeds.shape[0] not in (1, b):
-        raise ValueError(f"guidance_token: {image_embeds.shape[0]} image embeddings for a batch of {b} "
-                         "prompts (give one per prompt, or one for all)")
+    image_embeds, b, d = _guidance_inputs("guidance_token", prompt_embeds, image_embeds, "image_embeds",
+                                          "image embeddings")
     out = prompt_embeds.clone()
     out[:, -1, :] = image_embeds.to(device=out.device, dtype=out.dtype).expand(b, d)
     return out
@@ -119,25 +130,13 @@ def guidance_prompt_embeds(prompt_embeds: torch.Tensor, feature: torch.Tensor | 
     if position not in GUIDANCE_TOKEN_POSITIONS:
         raise ValueError(f"guidance token position must be one of {GUIDANCE_TOKEN_POSITIONS}, got "
                          f"{position!r}")
-    if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.dim() != 3:
-        raise ValueError(f"guidance_prompt_embeds: prompt_embeds must be [B, L, D], got "
-                         f"{tuple(getattr(prompt_embeds, 'shape', ()))}")
     if position == "replace_last":
+        _guidance_inputs("guidance_prompt_embeds", prompt_embeds, None, "feature", "features")
         return prompt_embeds.clone() if feature is None else guidance_token(prompt_embeds, feature)
-    b, _, d = prompt_embeds.shape
+    feature, b, d = _guidance_inputs("guidance_prompt_embeds", prompt_embeds, feature, "feature", "features")
     if feature is None:
         token = prompt_embeds[:, -1:, :]
     else:
-        feature = torch.as_tensor(feature)
-        if feature.dim() == 1:
-            feature = feature[None]
-        if feature.dim() != 2:
-            raise ValueError(f"guidance_prompt_embeds: feature must be [B, D] or [D], got "
-                             f"{tuple(feature.shape)}")
-        check_guidance_compat(feature.shape[1], d)
-        if feature.shape[0] not in (1, b):
-            raise ValueError(f"guidance_prompt_embeds: {feature.shape[0]} features for a batch of {b} "
-                             "prompts (give one per prompt, or one for all)")
         token = feature.to(device=prompt_embeds.device, dtype=prompt_embeds.dtype).expand(b, d)[:, None]
     return torch.cat([prompt_embeds, token], dim=1)
 
