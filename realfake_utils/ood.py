@@ -356,14 +356,18 @@ def build_ood_sets(run: Any, image_size: int, recipe: dict[str, Any], *, miniatu
                    ) -> tuple[dict[str, dict[str, Any]], dict[str, OODFolder], tuple | None]:
     """The OOD sets of a run: (miniature variants {name: {images, labels, allowed, description}},
     ImageNet-style folders {name: OODFolder} for every non-empty root of ``roots`` (``imagenet-v2``,
-    ``imagenet-sketch``, ``imagenet-r``, ``imagenet-a``), the clean test split (images, labels) or None).
-    The hard set's filter CNNs train with ``recipe`` (04's) on the real train split."""
+    ``imagenet-sketch``, ``imagenet-r``, ``imagenet-a``), the clean test split (images, labels), or None
+    when the run has no test split). The clean split is returned without miniature variants too (a paper
+    preset with no OOD folder, e.g. imagenette: Table 4 is an ImageNet-1K experiment), so every classifier
+    is still scored on it. The hard set's filter CNNs train with ``recipe`` (04's) on the real train split."""
     data_dir = (Path(run) if isinstance(run, (str, os.PathLike)) else Path(run.root)) / "artifacts" / "data"
     rows_all = data.read_manifest(data_dir / "manifest.csv")
     num_classes = len(data.class_names(rows_all))
     variants, clean = {}, None
+    test_x, test_y, _ = data.load_split(data_dir, "test", image_size)
+    if len(test_y):      # the clean test split: every classifier is scored on it, OOD sets or not
+        clean = (test_x, test_y)
     if miniature_variants:
-        test_x, test_y, _ = data.load_split(data_dir, "test", image_size)
         train_x, train_y, _ = data.load_split(data_dir, "train", image_size)
         filters = None
         if hard_filter == "cnn":
@@ -371,7 +375,6 @@ def build_ood_sets(run: Any, image_size: int, recipe: dict[str, Any], *, miniatu
                                           hard_filter_models, seed=seed, device=device)
         variants = build_miniature_variants(test_x, test_y, train_x, train_y, num_classes, seed=seed,
                                             hard_fraction=hard_fraction, filter_models=filters)
-        clean = (test_x, test_y)
     kinds = {"imagenet-v2": "v2", "imagenet-sketch": "sketch", "imagenet-r": "r", "imagenet-a": "a"}
     folders = {name: OODFolder(root, kinds[name], model_wnids=label_wnids(rows_all))
                for name, root in (roots or {}).items() if root}
@@ -386,6 +389,10 @@ def describe_sets(variants: dict[str, dict[str, Any]], folders: dict[str, OODFol
     lines += [f"{name:<10} {len(ds):>5} images, "
               f"{'restricted to ' + str(len(ds.allowed)) + ' classes' if ds.allowed else 'all classes'}"
               for name, ds in folders.items()]
+    if not lines:
+        lines = ["no OOD set (miniature_variants off, no imagenet_*_root given): every classifier is scored on "
+                 "the clean test split only. Table 4 is an ImageNet-1K experiment: the imagenet1k preset sets "
+                 "the four roots (imagenet_v2_root, imagenet_sketch_root, imagenet_r_root, imagenet_a_root)"]
     return "\n".join(lines)
 
 
@@ -402,7 +409,7 @@ def evaluate_classifiers(run: Any, runs: Sequence[Any], variants: dict[str, dict
         path = Path(r.path) if Path(r.path).is_absolute() else root / r.path
         model = load_classifier(path, device=device)
         sets = evaluate_variants(model, variants, num_classes, clean=clean, device=device,
-                                 unrestricted_too=True) if variants else {}
+                                 unrestricted_too=True) if variants or clean is not None else {}
         for name, ds in folders.items():
             sets[name] = evaluate_folder(model, ds, model.recipe, num_classes, device=device)
             if ds.allowed is not None:

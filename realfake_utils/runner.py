@@ -26,6 +26,68 @@ from .rundir import LOCK_TOKEN_ENV, RunDir, RunFolderBusy, lock_run_folder
 KERNEL = "realfake-kit"
 
 
+# The paper's recipe tables, as a preset resolves them (`realfake show`): each table's cells are the
+# parameters of the notebook that uses them (Table 6: 03's sampler; Table 7: 02's LoRA fine-tuning;
+# Table 8: 04's classifier recipe, params/recipes/<recipe>.yaml + recipe_overrides).
+TABLE6_SYNTHESIS = ("image_size", "num_inference_steps", "guidance_scale", "latent_prior_strength", "lora_scale",
+                    "guidance_feature", "batch_size")
+TABLE7_LORA = ("image_size", "lora_rank", "lora_alpha", "learning_rate", "lr_warmup_steps", "global_batch_size",
+               "gradient_accumulation_steps", "num_train_epochs", "max_train_steps", "snr_gamma", "dm_loss",
+               "dm_loss_form", "dm_loss_weight", "visual_guidance", "guidance_token_position",
+               "guidance_feature_train", "random_flip", "mixed_precision")
+TABLE8_CLASSIFIER = ("model", "pretrained", "train_size", "test_size", "epochs", "global_batch_size", "opt", "lr",
+                     "momentum", "weight_decay", "sched", "decay_milestones", "decay_rate", "warmup_epochs",
+                     "hflip", "color_jitter", "auto_augment", "mixup", "cutmix", "label_smoothing", "bce_loss",
+                     "drop_path_rate", "amp")
+
+
+def recipe_tables(resolved: dict[str, dict]) -> dict[str, dict]:
+    """The values of the paper's Tables 6 (synthesis, 03), 7 (LoRA fine-tuning, 02) and 8 (classifier
+    recipe, 04: ``params/recipes/<recipe>.yaml`` with ``recipe_overrides`` applied, through
+    ``classify.load_recipe``) as ``resolve`` gives them for a preset, so ``realfake show`` prints what a
+    run will use next to the paper's tables. Fine-tuning runs ``num_train_epochs`` passes when > 0, else
+    ``max_train_steps`` steps."""
+    out: dict[str, dict] = {}
+    syn_p, ft_p, cl_p = (resolved.get(n, {}) for n in ("03_synthesize", "02_finetune", "04_train_classifier"))
+    if syn_p:
+        out["Table 6 synthesis (03_synthesize)"] = {
+            "sampler": "UniPC (synthesize.SynthesisSettings.scheduler)",
+            **{k: syn_p[k] for k in TABLE6_SYNTHESIS if k in syn_p},
+            "negative_prompt (Apx. E; features.NEGATIVE_PROMPT, used when 02/03 use one)": _negative_prompt()}
+    if ft_p:
+        lora = {k: ft_p[k] for k in TABLE7_LORA if k in ft_p}
+        if lora.get("num_train_epochs"):      # epochs decide; max_train_steps is not used
+            lora.pop("max_train_steps", None)
+        out["Table 7 LoRA fine-tuning (02_finetune)"] = lora
+    if cl_p.get("recipe"):
+        from .classify import load_recipe
+
+        rc = load_recipe(cl_p["recipe"], image_size=cl_p.get("image_size"), **(cl_p.get("recipe_overrides") or {}))
+        key = f"Table 8 classifier (04_train_classifier: params/recipes/{rc['name']}.yaml"
+        key += f" + recipe_overrides {cl_p['recipe_overrides']})" if cl_p.get("recipe_overrides") else ")"
+        out[key] = {"description": rc.get("description", ""), **{k: rc[k] for k in TABLE8_CLASSIFIER if k in rc},
+                    "sources": rc.get("sources", {})}
+    return out
+
+
+def _negative_prompt() -> str:
+    from .features import NEGATIVE_PROMPT
+
+    return NEGATIVE_PROMPT
+
+
+def show_text(name: str, overrides: dict | None = None) -> str:
+    """``realfake show``: the preset resolved per notebook, then its Table 6-8 values (``recipe_tables``)."""
+    resolved = resolve(name, overrides or {})
+    tables = recipe_tables(resolved)
+    text = yaml.safe_dump(resolved, sort_keys=False)
+    if tables:
+        text += ("\n# The paper's recipe tables as this preset resolves them (Table 6: synthesis, Table 7: LoRA, "
+                 "Table 8: classifier)\n" + yaml.safe_dump({"paper_tables": tables}, sort_keys=False, allow_unicode=True,
+                                                width=200))
+    return text
+
+
 def select_notebooks(only: str | None, start: str | None) -> list[str]:
     """Notebooks to run from ``--only 00,03`` / ``--from 02`` (numbers or full names)."""
     names = notebook_names()
@@ -213,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
             for name, desc in list_presets().items():
                 print(f"{name:16s} {desc.splitlines()[0] if desc else ''}")
         elif args.cmd == "show":
-            print(yaml.safe_dump(resolve(args.name, parse_overrides(args.params)), sort_keys=False))
+            print(show_text(args.name, parse_overrides(args.params)))
         else:
             run(args.preset, args.only, args.start, parse_overrides(args.params), args.run_dir)
     except ParamError as err:

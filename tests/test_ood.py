@@ -172,3 +172,20 @@ def test_evaluate_classifiers_reads_every_run(tmp_path):
     assert by["rendition"].restricted and by["rendition"].top1 >= by["rendition (all classes)"].top1
     assert by["rendition"].n == int(torch.isin(y, torch.tensor([0, 2])).sum())
     assert "restricted to 2 classes" in ood.describe_sets(variants, {})
+
+
+def test_no_ood_set_still_scores_every_classifier_on_the_clean_split(tmp_path):
+    """A paper preset without OOD folders (imagenette: Table 4 is ImageNet-1K's): 05 scores each of 04's
+    classifiers on the clean test split, so its "every classifier evaluated" check holds (it failed)."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(4).repeat(4)
+    x = torch.randint(0, 255, (16, 3, 8, 8), dtype=torch.uint8, generator=g)
+    recipe = C.load_recipe("miniature", image_size=8, epochs=1, batch_size=16,
+                           model_kwargs={"channels": [8, 8, 8, 8], "stem_width": 8})
+    ood.train_filter_models(x, y, 4, recipe, tmp_path / "artifacts" / "classifiers", n_models=1)
+    runs = [C.ClassifierRun(source="real", tables=["table1"], k=0, synthesis_seed=None, classifier_seed=0,
+                            top1=0.5, top5=0.9, n_train=16, path="artifacts/classifiers/filter_s10000")]
+    res = ood.evaluate_classifiers(tmp_path, runs, {}, {}, 4, clean=(x, y))
+    assert [r.ood_set for r in res] == ["clean"] and {r.classifier for r in res} == {runs[0].path}
+    record = ood.build_record(res, {}, {})
+    assert record.ood_sets == [] and "clean test split only" in ood.describe_sets({}, {})

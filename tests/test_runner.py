@@ -143,3 +143,32 @@ def test_the_terminal_line_of_01_names_the_excluded_files(nb_world, capsys):
     runner.main(["run", "--preset", "small", "--only", "01", "--run-dir", str(run_dir)])
     out = capsys.readouterr().out
     assert f"2 file(s) excluded, listed in {run_dir.resolve() / 'artifacts' / 'data' / 'excluded.csv'}" in out
+
+
+def test_show_prints_the_resolved_table_6_7_8_values(capsys):
+    """`realfake show imagenette` ends with the paper's recipe tables as the preset resolves them: Table 6
+    (03's sampler), Table 7 (02's LoRA), Table 8 (04's recipe file cell by cell, recipe_overrides applied)."""
+    import yaml
+
+    runner.main(["show", "imagenette"])
+    out = capsys.readouterr().out
+    tables = yaml.safe_load(out.split("# The paper's recipe tables", 1)[1].split("\n", 1)[1])["paper_tables"]
+    t6, t7, t8 = (tables[k] for k in tables)                     # in this order
+    assert next(iter(tables)).startswith("Table 6") and list(tables)[2].startswith("Table 8")
+    # Table 6: UniPC, 30 steps, guidance 2.0, img strength 0.75, 512 px
+    assert (t6["num_inference_steps"], t6["guidance_scale"], t6["latent_prior_strength"], t6["image_size"]) == \
+        (30, 2.0, 0.75, 512) and t6["sampler"].startswith("UniPC")
+    # Table 7: lr 1e-4, batch 8 x 8, 300 epochs, SNR-gamma 0.75, 512 px; Eq. 21 with gamma 0.05
+    assert (t7["learning_rate"], t7["global_batch_size"], t7["num_train_epochs"], t7["snr_gamma"],
+            t7["image_size"], t7["dm_loss_weight"]) == (1e-4, 64, 300, 0.75, 512, 0.05)
+    assert "max_train_steps" not in t7                          # epochs decide in the paper presets
+    recipe = yaml.safe_load((params.PRESET_DIR / "recipes" / "imagenette.yaml").read_text())
+    for key in runner.TABLE8_CLASSIFIER:                         # every cell, as in the recipe file
+        assert t8[key] == recipe[key], key
+    assert (t8["epochs"], t8["global_batch_size"], t8["lr"], t8["hflip"]) == (200, 1024, 0.1, 0.0)
+    assert "Table 8" in t8["sources"]["table8"]
+    over = runner.recipe_tables(params.resolve("imagenette", {"recipe_overrides": {"epochs": 1}}))
+    t8_over = next(v for k, v in over.items() if k.startswith("Table 8"))
+    assert t8_over["epochs"] == 1 and "recipe_overrides" in [k for k in over if k.startswith("Table 8")][0]
+    digits = runner.recipe_tables(params.resolve("digits"))
+    assert next(v for k, v in digits.items() if "recipes/miniature.yaml" in k)["train_size"] == 16
