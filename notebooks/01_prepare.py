@@ -115,8 +115,7 @@ import time
 import torch
 
 import realfake_utils as rf
-from realfake_utils import models, plots, pool as pl, pretrain, prepare, probe
-from realfake_utils.features import build_prompt, caption_images, make_captioner
+from realfake_utils import models, pretrain, prepare
 
 run = rf.setup(globals(), "01_prepare")
 torch.set_num_threads(torch_threads or min(torch.get_num_threads(), 4))
@@ -125,11 +124,10 @@ art = run.artifacts
 miniature = prepare.check_models(base_model, clip_model)
 d = prepare.load_splits(dataset, data_root, art / "data", split_fractions, seed, class_map, test_root, image_size,
                         miniature)
-class_names, split, images, labels = d.class_names, d.split, d.images, d.labels
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print(f"{len(class_names)} classes; pool / train / test disjoint and non-empty; {d.excluded} images excluded")
+print(f"{len(d.class_names)} classes; pool / train / test disjoint and non-empty; {d.excluded} images excluded")
 
 # %% [markdown]
 # ## The gap: upstream pool vs target task
@@ -139,17 +137,10 @@ print(f"{len(class_names)} classes; pool / train / test disjoint and non-empty; 
 
 # %%
 cfg = pretrain.MiniatureConfig.from_params(globals())
-pool, caption_kinds = None, None
-if miniature:
-    pool = pl.make_pool(split["pool"], images["pool"], class_names, cfg)
-    caption_kinds = pl.caption_stats(pool["captions"])
-    fig_pool, fig_target = prepare.pool_figures(pool, images["train"], labels["train"], class_names)
-    run.save_figure(fig_pool, "01_pool_images")
-    run.save_figure(fig_target, "01_target_images")
-    print("caption kinds in the pool:", {k: round(v, 3) for k, v in caption_kinds.items()})
-    print("\n".join(prepare.caption_examples(pool, class_names)))
-else:
-    print(f"base_model = {base_model}: no miniature pool (the base model was pretrained elsewhere)")
+pool = prepare.upstream_pool(d, cfg) if miniature else None
+for name, fig in prepare.pool_figures(pool, d).items():
+    run.save_figure(fig, name)
+print("\n".join(prepare.pool_lines(pool, d.class_names, base_model)))
 
 # %% [markdown]
 # ## Pretraining the miniature CLIP and base model on the pool
@@ -160,13 +151,9 @@ else:
 # killed run resume.
 
 # %%
-parts = {}
-if miniature:
-    parts = pretrain.build_miniature(art, split["pool"], images["pool"], class_names, cfg)["parts"]
-    print({k: f"{'trained' if p.built else 'cached'}: {p.steps} steps, loss {p.final_loss:.4f}, {p.seconds:.0f}s"
-           for k, p in parts.items()})
-base_path = base_model or str(art / "miniature" / "base")
-clip_path = clip_model or str(art / "miniature" / "clip")
+parts = prepare.pretrain_miniature(art, d, cfg) if miniature else {}
+print(prepare.parts_line(parts))
+base_path, clip_path = prepare.model_paths(art, base_model, clip_model)
 
 # %% [markdown]
 # ## Target captions, prompts and CLIP image features
@@ -178,21 +165,14 @@ clip_path = clip_model or str(art / "miniature" / "clip")
 # per-class means of the train features in `artifacts/features/class_means.safetensors`.
 
 # %%
-cap = make_captioner(captioner, captioner_model, device=device)
-captions = caption_images(cap, images["train"], [r["id"] for r in split["train"]], art / "captions.json",
-                          progress=False)
-prompts = [build_prompt(r["class_name"], captions[r["id"]]) for r in split["train"]]
-print("example prompts:", sorted(set(prompts))[:3])
-clip_key = pretrain.part_hash(clip_path) if not clip_model else clip_model
-vision, feats, class_means = prepare.clip_features(clip_path, clip_key, d, art / "features", feature_batch_size, device)
-print("CLIP features:", {s: tuple(f.shape) for s, f in feats.items()}, "class means:", tuple(class_means.shape))
+target = prepare.target_features(art, d, clip_path, clip_model, captioner, captioner_model, feature_batch_size, device)
+print("\n".join(target.lines()))
 
 # %%
 # NBVAL_CHECK_OUTPUT
-dim = vision.config.projection_dim
 sizes = models.check_guidance_compatible(clip_path, base_path)  # a clear error when they differ
 print(f"CLIP projection_dim == base text width == cross-attention: {len(set(sizes.values())) == 1}")
-assert feats["train"].shape == (len(split["train"]), dim) and torch.isfinite(feats["train"]).all()
+assert target.feats["train"].shape == (len(d.split["train"]), target.dim) and torch.isfinite(target.feats["train"]).all()
 
 # %% [markdown]
 # ## The capacity oracle
@@ -207,13 +187,9 @@ assert feats["train"].shape == (len(split["train"]), dim) and torch.isfinite(fea
 # %%
 oracle = None
 if miniature and oracle_steps > 0:
-    oracle, parts["oracle"], ox, oy = prepare.oracle_check(
-        art, class_names, (images["train"], labels["train"]), (images["test"], labels["test"]), split["train"],
-        prompts, cfg, sample_steps, guidance_scale, device=device)
-    fig = plots.per_class_grid(ox, oy, class_names, per_class=8, suptitle="capacity oracle (trained on the target)")
+    oracle, parts["oracle"], fig = prepare.capacity_oracle(art, d, target, cfg, sample_steps, guidance_scale, device)
     run.save_figure(fig, "01_oracle_samples")
-    print(f"oracle: real {oracle.real_top1:.1f} %, synthetic only {oracle.synthetic_top1:.1f} % "
-          f"(gap {oracle.gap:.1f}), sample probe {oracle.probe:.3f}")
+    print(prepare.oracle_line(oracle))
 if parts:
     run.save_figure(pretrain.loss_figure(parts), "01_pretraining_losses")
 
@@ -233,7 +209,7 @@ if oracle is not None:
 # fine-tuning has to close.
 
 # %%
-mmd = prepare.pool_mmd(vision, feats, pool, images["pool"] if miniature else None)
+mmd = prepare.pool_mmd(target.vision, target.feats, pool, d.images["pool"] if miniature else None)
 print({k: round(v, 4) for k, v in mmd.items()})
 
 # %% [markdown]
@@ -249,15 +225,11 @@ print({k: round(v, 4) for k, v in mmd.items()})
 # also applied to the real test set (its ceiling) and to the shifted pool.
 
 # %%
-base_eval = {}
-if base_samples_per_class > 0:
-    pipe = models.load_pipeline(base_path, kind="txt2img", device=device)
-    base_eval, samples, sample_labels = prepare.evaluate_base(pipe, vision, d, feats, pool, base_samples_per_class,
-                                                              guidance_scale, sample_steps, seed)
-    fig = plots.per_class_grid(samples, sample_labels, class_names, per_class=min(10, base_samples_per_class),
-                               suptitle=f"base model, 'photo of [class]', guidance {guidance_scale}")
+base_eval, fig = prepare.sample_base(base_path, target, d, pool, base_samples_per_class, guidance_scale, sample_steps,
+                                     seed, device)   # ({}, None) when base_samples_per_class = 0
+if fig is not None:
     run.save_figure(fig, "01_base_samples")
-    print(base_eval)
+print(base_eval)
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -270,10 +242,8 @@ if "probe_style_normalised" in base_eval:
 
 # %%
 record = prepare.PrepareRecord.build(
-    run, parts, dataset=dataset, image_size=image_size, class_names=class_names,
-    counts={s: len(v) for s, v in split.items()}, excluded=d.excluded, excluded_list=str(d.excluded_list),
-    base_model=base_path, clip_model=clip_path, clip_projection_dim=int(dim), captioner=captioner, oracle=oracle,
-    mmd2_clip=mmd, base_eval=base_eval, caption_kinds=caption_kinds, pool_shift=dict(pool_shift) if miniature else None,
-    torch_threads=torch.get_num_threads(), seconds_total=round(time.time() - t_start, 1))
+    run, parts, **prepare.record_fields(d, pool, t_start), dataset=dataset, image_size=image_size, base_model=base_path,
+    clip_model=clip_path, clip_projection_dim=target.dim, captioner=captioner, oracle=oracle, mmd2_clip=mmd,
+    base_eval=base_eval, pool_shift=dict(pool_shift) if miniature else None)
 record.save(run)
 print(f"01_prepare done in {record.seconds_total:.0f}s; {d.excluded} images excluded (list: {record.excluded_list})")

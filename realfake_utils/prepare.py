@@ -307,6 +307,11 @@ class TargetFeatures:
     feats: dict[str, torch.Tensor]
     class_means: torch.Tensor
 
+    @property
+    def dim(self) -> int:
+        """The CLIP image embedding size (``projection_dim``: the guidance token's width, Sec. 3.2)."""
+        return int(self.vision.config.projection_dim)
+
     def lines(self) -> list[str]:
         shapes = {s: tuple(f.shape) for s, f in self.feats.items()}
         return [f"example prompts: {sorted(set(self.prompts))[:3]}",
@@ -330,13 +335,13 @@ def target_features(art_dir: str | os.PathLike, splits: Splits, clip_path: str, 
     return TargetFeatures(captions, prompts, vision, feats, means)
 
 
-def capacity_oracle(art_dir: str | os.PathLike, splits: Splits, prompts: Sequence[str], cfg: MiniatureConfig,
+def capacity_oracle(art_dir: str | os.PathLike, splits: Splits, target: TargetFeatures, cfg: MiniatureConfig,
                     sample_steps: int = 20, guidance_scale: float = 2.0, device: str = "auto"):
-    """:func:`oracle_check` on the target's train and test splits and the figure of its samples
-    (``plots.per_class_grid``). Returns ``(check, oracle part, figure)``."""
+    """:func:`oracle_check` on the target's train and test splits (trained on ``target.prompts``) and the
+    figure of its samples (``plots.per_class_grid``). Returns ``(check, oracle part, figure)``."""
     im, lab = splits.images, splits.labels
     check, part, x, y = oracle_check(art_dir, splits.class_names, (im["train"], lab["train"]),
-                                     (im["test"], lab["test"]), splits.split["train"], prompts, cfg,
+                                     (im["test"], lab["test"]), splits.split["train"], target.prompts, cfg,
                                      sample_steps, guidance_scale, device=device)
     fig = per_class_grid(x, y, splits.class_names, per_class=8, suptitle="capacity oracle (trained on the target)")
     return check, part, fig
@@ -351,7 +356,9 @@ def oracle_line(check: OracleCheck) -> str:
 def sample_base(base_path: str, target: TargetFeatures, splits: Splits, pool: dict[str, Any] | None,
                 n_per_class: int, guidance_scale: float, sample_steps: int, seed: int = 0, device: str = "auto"):
     """The base model (``models.load_pipeline``, txt2img) through :func:`evaluate_base`, and the figure
-    of its samples per class. Returns ``(base_eval, figure)``."""
+    of its samples per class. Returns ``(base_eval, figure)``; ``({}, None)`` when ``n_per_class`` is 0."""
+    if n_per_class <= 0:
+        return {}, None
     pipe = load_pipeline(base_path, kind="txt2img", device=device)
     out, x, y = evaluate_base(pipe, target.vision, splits, target.feats, pool, n_per_class, guidance_scale,
                               sample_steps, seed)
@@ -360,16 +367,18 @@ def sample_base(base_path: str, target: TargetFeatures, splits: Splits, pool: di
     return out, fig
 
 
-def split_fields(splits: Splits, pool: dict[str, Any] | None) -> dict[str, Any]:
-    """The :class:`PrepareRecord` fields that come from the splits and the pool: class names, images per
-    split, the excluded images (count and list) and the pool's caption kinds (``pool.caption_stats``)."""
+def record_fields(splits: Splits, pool: dict[str, Any] | None, t_start: float) -> dict[str, Any]:
+    """The :class:`PrepareRecord` fields that come from the splits, the pool and the run: class names,
+    images per split, the excluded images (count and list), the pool's caption kinds
+    (``pool.caption_stats``), torch's thread count and the seconds since ``t_start`` (``time.time()``)."""
     return {"class_names": list(splits.class_names), "counts": {s: len(v) for s, v in splits.split.items()},
             "excluded": splits.excluded, "excluded_list": str(splits.excluded_list),
-            "caption_kinds": caption_stats(pool["captions"]) if pool is not None else None}
+            "caption_kinds": caption_stats(pool["captions"]) if pool is not None else None,
+            "torch_threads": torch.get_num_threads(), "seconds_total": round(time.time() - t_start, 1)}
 
 
 __all__ = ["OracleCheck", "PrepareRecord", "Splits", "TargetFeatures", "capacity_oracle", "caption_examples",
            "check_models", "clip_features", "evaluate_base", "excluded_count", "load_splits", "model_paths",
            "oracle_check", "oracle_line", "parts_line", "pool_figures", "pool_lines", "pool_mmd",
-           "pretrain_miniature", "reset_stale_features", "sample_base", "split_fields", "target_features",
+           "pretrain_miniature", "record_fields", "reset_stale_features", "sample_base", "target_features",
            "upstream_pool"]
