@@ -68,8 +68,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Mapping, Optional, Sequence
 
-from .data import image_set_rows, read_image_set, write_image_set
+from . import data, features, losses, models, plots
+from .data import image_set_rows, read_image_set, read_manifest, write_image_set
+from .features import (NEGATIVE_PROMPT, build_prompt, class_mean_features, encode_prompts,
+                       guidance_prompt_embeds)
+from .finetune import FinetuneRecord
 from .finetune_config import parse_variant, variant_name
+from .models import resolve_device
 from .records import Record, RecordError, run_root
 from .rundir import (atomic_path, content_hash, file_sha256, is_done, mark_done, read_json, tree_sha256,
                      unit_finished, write_json)
@@ -245,8 +250,6 @@ def select_sources(rows: Sequence[dict]) -> list[dict]:
 def plan_items(sources: Sequence[dict], k: int, seed: int, captions: dict[str, str] | None = None,
                use_captions: bool = True) -> list[Item]:
     """All items of a set: ``k`` rounds over the source images (round-major order)."""
-    from .features import build_prompt
-
     items = []
     for r in range(int(k)):
         for pos, row in enumerate(sources):
@@ -360,8 +363,6 @@ def load_spec(set_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def _plan_from_spec(spec: dict[str, Any]) -> tuple[list[dict], list[Item]]:
-    from .data import read_manifest
-
     st = spec["settings"]
     sources = select_sources(read_manifest(spec["source_manifest_path"]))
     cap = spec.get("captions_path", "")
@@ -438,8 +439,6 @@ def load_synthesis_pipeline(settings: SynthesisSettings | dict, device: str = "a
     import torch
     from diffusers import UniPCMultistepScheduler
 
-    from . import models
-
     st = settings if isinstance(settings, SynthesisSettings) else SynthesisSettings(**settings)
     kind = "img2img" if st.latent_prior else "txt2img"
     dtype = getattr(torch, st.dtype)
@@ -465,8 +464,6 @@ def _encode(pipe, prompts: list[str], lora_scale: float | None):
     """Prompt embeddings with the pipeline's own text encoder (LoRA-scaled if it carries LoRA layers)."""
     import torch
 
-    from .features import encode_prompts
-
     te = pipe.text_encoder
     if lora_scale is not None:
         from diffusers.utils import scale_lora_layers, unscale_lora_layers
@@ -484,8 +481,6 @@ def generate_batch(pipe, batch: Sequence[Item], settings: SynthesisSettings | di
     """PIL images for one batch. ``init_images``: uint8 [B, 3, H, W] (latent prior); ``guidance``:
     [B, D] CLIP features for the guidance tokens."""
     import torch
-
-    from .features import NEGATIVE_PROMPT, guidance_prompt_embeds
 
     st = settings if isinstance(settings, SynthesisSettings) else SynthesisSettings(**settings)
     device, dtype = pipe.unet.device, pipe.unet.dtype
@@ -590,9 +585,7 @@ def run_set(set_dir: str | os.PathLike, *, num_shards: int = 1, shard_index: int
         if pipe is None:
             pipe = load_synthesis_pipeline(st, device)
         guidance = _guidance_lookup(set_dir, st) if st.visual_guidance else None
-        load_images = None
-        if st.latent_prior:
-            from .data import load_images
+        load_images = data.load_images if st.latent_prior else None
         bar = tqdm(total=n_todo, unit="img", desc=f"{set_dir.parent.name}/{set_dir.name}"
                    + (f" shard {shard_index}/{num_shards}" if num_shards > 1 else ""),
                    disable=not progress, smoothing=0.1)
@@ -790,8 +783,6 @@ def trained_variants(run: Any) -> dict[str, dict[str, Any]]:
     02's record (``finetune.FinetuneRecord``: ``variants`` and ``config_of``) or, when there is none (or
     one of an older kit), the finished folders ``artifacts/lora/<variant>/`` (weights +
     ``train_config.json``)."""
-    from .finetune import FinetuneRecord
-
     root = run_root(run)
     out: dict[str, dict[str, Any]] = {}
     rec = None
@@ -841,8 +832,6 @@ def _model_paths(run: Any, base_model: str = "", clip_model: str = "") -> tuple[
 
 
 def _dtype(cfg: SynthesisConfig) -> str:
-    from .models import resolve_device
-
     if cfg.dtype != "auto":
         return cfg.dtype
     return "float16" if resolve_device(cfg.device).type == "cuda" else "float32"
@@ -850,8 +839,6 @@ def _dtype(cfg: SynthesisConfig) -> str:
 
 def _train_features(run: Any, clip: str, image_size: int, device: str):
     """(train rows, CLIP features [N, D], class means [C, D]) from the feature cache shared with 02."""
-    from . import data, features
-
     art = Path(run.root) / "artifacts"
     rows = data.read_manifest(art / "data" / "manifest.csv")
     train = [r for r in rows if r["split"] == "train"]
@@ -889,8 +876,6 @@ def synthesize_rows(run: Any, cfg: SynthesisConfig, progress: bool = True, mmd: 
     (Gaussian kernel, median-heuristic bandwidth on the real features). Returns the record (not saved:
     the notebook saves it).
     """
-    from . import losses
-
     art = Path(run.root) / "artifacts"
     base, clip = _model_paths(run, cfg.base_model, cfg.clip_model)
     train, feats, means = _train_features(run, clip, cfg.image_size, cfg.device)
@@ -960,8 +945,6 @@ def synthesize_rows(run: Any, cfg: SynthesisConfig, progress: bool = True, mmd: 
 
 def set_features(run: Any, s: SyntheticSet, clip: str = "", device: str = "auto"):
     """CLIP image features [N, D] of a set's images (cached in the set folder)."""
-    from . import data, features
-
     d = Path(run.root) / s.path
     rows = image_set_rows(d)
     spec = load_spec(d)
@@ -988,8 +971,6 @@ def synthesize_members(run: Any, set_dir: str | os.PathLike, settings: Synthesis
     """One synthetic image per row of ``source_manifest``'s train split (k = 1) with ``settings``;
     guidance features from ``train_set`` (``finetune.TrainSet``: ``image_embeds``, ``labels``, ``ids``)
     as 03 takes them from the whole train split (class means, or per-source features)."""
-    from .features import class_mean_features
-
     feats = train_set.image_embeds.float()
     if settings.guidance_feature == "source":
         gfeat, gids = feats, list(train_set.ids)
@@ -1005,8 +986,6 @@ def synthesize_members(run: Any, set_dir: str | os.PathLike, settings: Synthesis
 def figure_real_vs_synthetic(run: Any, s: SyntheticSet, per_class: int = 6):
     """Each row a class: ``per_class`` real train images, then ``per_class`` images of set ``s``."""
     import torch
-
-    from . import data, plots
 
     rows = data.read_manifest(Path(run.root) / "artifacts" / "data" / "manifest.csv")
     names = data.class_names(rows)
@@ -1027,8 +1006,6 @@ def figure_clip_pca(run: Any, rec: SynthesisRecord, clip: str = "", device: str 
     (the paper's Fig. 1, left)."""
     import matplotlib.pyplot as plt
     from sklearn.decomposition import PCA
-
-    from . import data
 
     clip = clip or str(Path(run.root) / "artifacts" / "miniature" / "clip")   # only CLIP is needed here
     first = rec.sets[0] if rec.sets else None
