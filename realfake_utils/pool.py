@@ -27,8 +27,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .rundir import atomic_path, confine, content_hash, is_done, mark_done
+from .data import _check_image
 from .features import NEGATIVE_PROMPT
+from .rundir import atomic_path, confine, content_hash, is_done, mark_done
 
 # --------------------------------------------------------------------------------------------------
 # Captions: alt-text-like, partly wrong
@@ -322,8 +323,6 @@ def read_pool_index(folder: str | os.PathLike, class_names: Sequence[str] | None
     are an :class:`~realfake_utils.rundir.UnsafePathError`).
     """
     import csv
-
-    from .data import _check_image
 
     folder = Path(folder)
     if not folder.is_dir():

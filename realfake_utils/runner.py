@@ -60,7 +60,7 @@ def recipe_tables(resolved: dict[str, dict]) -> dict[str, dict]:
             lora.pop("max_train_steps", None)
         out["Table 7 LoRA fine-tuning (02_finetune)"] = lora
     if cl_p.get("recipe"):
-        from .classify import load_recipe
+        from .classify import load_recipe  # lazy: the CLI starts without torch (classify imports it)
 
         rc = load_recipe(cl_p["recipe"], image_size=cl_p.get("image_size"), **(cl_p.get("recipe_overrides") or {}))
         key = f"Table 8 classifier (04_train_classifier: params/recipes/{rc['name']}.yaml"
@@ -71,7 +71,7 @@ def recipe_tables(resolved: dict[str, dict]) -> dict[str, dict]:
 
 
 def _negative_prompt() -> str:
-    from .features import NEGATIVE_PROMPT
+    from .features import NEGATIVE_PROMPT  # lazy: the CLI starts without torch (features imports it)
 
     return NEGATIVE_PROMPT
 

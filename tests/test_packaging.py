@@ -1,4 +1,6 @@
-"""Install files agree with each other; notebooks follow the kit's conventions."""
+"""Install files agree with each other; notebooks follow the kit's conventions; the package's
+sibling imports sit at module level and form no cycle."""
+import ast
 import re
 import tomllib
 from pathlib import Path
@@ -77,3 +79,108 @@ def test_notebook_and_its_text_file_are_in_sync(path):
     a, b = nbformat.read(path, as_version=4), jupytext.read(text)
     cells = lambda nb: [(c.cell_type, c.source.strip(), sorted(c.metadata.get("tags", []))) for c in nb.cells]
     assert cells(a) == cells(b), f"{path.name} and {text.name} differ: run jupytext --sync {text}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Imports between sibling modules of realfake_utils: at module level, no cycle
+# --------------------------------------------------------------------------------------------------
+PACKAGE = ROOT / "realfake_utils"
+
+
+def _sibling_targets(node: ast.AST, package: str, modules: set[str]) -> list[str]:
+    """The sibling modules an import statement names (``from . import x``, ``from .x import y``,
+    ``from <package>.x import y``, ``import <package>.x``)."""
+    out: list[str] = []
+    if isinstance(node, ast.ImportFrom):
+        if node.level == 1 or node.module == package:
+            out = [a.name for a in node.names] if not node.module or node.module == package \
+                else [node.module.split(".")[0]]
+        elif node.level == 0 and (node.module or "").startswith(package + "."):
+            out = [node.module.split(".")[1]]
+    elif isinstance(node, ast.Import):
+        out = [a.name.split(".")[1] for a in node.names if a.name.startswith(package + ".")]
+    return [m for m in out if m in modules]
+
+
+def _is_type_checking(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+
+
+LAZY_MARK = "# lazy:"     # a deliberate deferred sibling import says why on its line (the CLI defers torch)
+
+
+def import_graph(package_dir: Path) -> tuple[dict[str, set[str]], list[str]]:
+    """The module-level import graph of the package's modules (``from . import`` etc. executed at import
+    time: top level, ``if`` / ``try`` blocks and class bodies; ``if TYPE_CHECKING`` skipped), and every
+    sibling import inside a function body as ``file:line``, except those whose line carries
+    ``# lazy: <reason>`` (``runner.py``: the ``realfake`` command starts without importing torch)."""
+    package = package_dir.name
+    modules = {p.stem for p in package_dir.glob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    lazy: list[str] = []
+
+    def visit(node: ast.AST, module: str, path: Path, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if _is_type_checking(child):
+                continue
+            targets = _sibling_targets(child, package, modules)
+            if targets and in_function:
+                if LAZY_MARK not in lines[path][child.lineno - 1]:
+                    lazy.append(f"{path.relative_to(package_dir.parent)}:{child.lineno}")
+            elif targets:
+                graph[module].update(t for t in targets if t != module)
+            visit(child, module, path, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef,
+                                                                         ast.Lambda)))
+
+    lines = {path: path.read_text().splitlines() for path in sorted(package_dir.glob("*.py"))}
+    for path, text in lines.items():
+        visit(ast.parse("\n".join(text), str(path)), path.stem, path, False)
+    return graph, lazy
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle per strongly connected part of ``graph`` that has one, as the path of modules (depth-first)."""
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}           # 1 = on the current path, 2 = finished
+
+    def dfs(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                cycles.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in state:
+                dfs(nxt, path + [nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            dfs(node, [node])
+    return cycles
+
+
+def test_sibling_imports_are_at_module_level_and_acyclic():
+    """Issue 10: imports between sibling modules at module level (lazy imports only for heavy third-party
+    libraries such as diffusers / transformers), and the package's import graph has no cycle."""
+    graph, lazy = import_graph(PACKAGE)
+    assert not lazy, ("sibling modules imported inside a function body (move them to the module's imports): "
+                      + ", ".join(lazy))
+    cycles = import_cycles(graph)
+    assert not cycles, "import cycles between realfake_utils modules: " + "; ".join(" -> ".join(c) for c in cycles)
+    assert graph["__init__"] >= {"params", "rundir"} and "data" in graph["classify"]   # the graph is read
+
+
+def test_the_import_checks_find_a_cycle_and_a_lazy_import(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from . import b\n")
+    (pkg / "b.py").write_text("from .c import f\n")
+    (pkg / "c.py").write_text("from pkg.a import x\nfrom typing import TYPE_CHECKING\n"
+                              "if TYPE_CHECKING:\n    from .d import T\n")
+    (pkg / "d.py").write_text("import os\n\ndef g():\n    from . import a\n    import json\n"
+                              "    from . import b  # lazy: a reason\n")
+    graph, lazy = import_graph(pkg)
+    assert graph == {"__init__": set(), "a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}
+    assert lazy == ["pkg/d.py:4"]
+    assert import_cycles(graph) == [["a", "b", "c", "a"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
