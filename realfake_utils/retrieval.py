@@ -33,9 +33,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import stats
+from . import classify, clip_adapt, data, params, sscd, stats, synthesize as syn
+from . import pool as pool_module
+from .data import _check_image
+from .params import resolve
 from .records import Record
-from .rundir import atomic_path, confine
+from .rundir import atomic_path, confine, write_json
 
 def run_root(run: Any) -> Path:
     """The run folder of a ``RunDir`` or of a path (a ``pathlib.Path``'s own ``.root`` is ``/``)."""
@@ -275,8 +278,6 @@ def read_pool_index(folder: str | Path, class_names: Sequence[str] | None = None
     """
     import csv
 
-    from .data import _check_image
-
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"pool_index {folder} is not a folder (expected images + captions.jsonl, "
@@ -493,8 +494,6 @@ def load_pool(art: str | Path, class_names: Sequence[str], image_size: int, pool
     their ``caption`` column; else (01 stores neither) the same deterministic shift and captions 01
     applied, recomputed by 01's own function ``miniature.make_pool`` with the settings recorded beside
     the miniature CLIP (``<clip>.params.json``). Unreadable images are excluded and listed."""
-    from . import data
-
     mini = _pool_module()
     art = Path(art)
     idx = Path(pool_index) if pool_index else art / POOL_INDEX_DIR
@@ -517,7 +516,6 @@ def load_pool(art: str | Path, class_names: Sequence[str], image_size: int, pool
     try:
         pc = miniature_pool_config(clip_dir or art / "miniature" / "clip")
     except (FileNotFoundError, KeyError):  # no (or another layout of the) key file: 01's resolved parameters
-        from .params import resolve
         pc = miniature_pool_config(clip_dir or art / "miniature" / "clip",
                                    resolve(preset or "digits", notebooks=["01_prepare"])["01_prepare"], force_fallback=True)
     if pc["pool_fingerprint"] and pc["pool_fingerprint"] != mini.pool_fingerprint(rows):
@@ -535,13 +533,8 @@ def load_pool(art: str | Path, class_names: Sequence[str], image_size: int, pool
 
 
 def _pool_module():
-    """The module holding the miniature pool's functions (``pool``; ``miniature`` in older trees)."""
-    try:
-        from . import pool
-        return pool
-    except ImportError:
-        from . import miniature
-        return miniature
+    """The module holding the miniature pool's functions (:mod:`realfake_utils.pool`)."""
+    return pool_module
 
 
 def data_resize(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -565,8 +558,6 @@ def dedup_against_test(descriptor, pool_images: torch.Tensor, test_images: torch
     descriptors above ``threshold``; Geng et al.: their ISC descriptor at 0.604), so nothing retrieved is
     a test image. Also measured: SSCD-style near copies (exact, crop, jitter, JPEG) of ``n_planted``
     test images must be flagged (``planted_caught``). Returns (mask [N_pool], info)."""
-    from . import sscd
-
     def embed(x: torch.Tensor) -> torch.Tensor:
         return sscd.compute_descriptors(descriptor, x, size=size, mode=mode, device=device)
 
@@ -629,8 +620,6 @@ def run_sweep(out_root: str | Path, model, head: torch.Tensor, sources: Sequence
               config, log=print, device: str = "cpu") -> list[SweepPoint]:
     """Adapt CLIP (``clip_adapt.adapt_unit``, each model a finished unit under
     ``out_root/<source>__n<size>__s<seed>``, reused on resume) for every source, size and seed."""
-    from . import clip_adapt
-
     points = []
     for src in sources:
         for size in sizes.get(src.name, []):
@@ -845,16 +834,12 @@ def synthesize_base_t2i(set_dir: str | Path, base_model: str | Path, manifest: s
     Returns the set folder and per-class index lists into ``synthesize.synthetic_rows(folder)``."""
     import math
 
-    from . import data
-    from . import synthesize as syn
-
     train = data.read_manifest(manifest, "train")
     k = max(1, math.ceil(total_needed / max(len(train), 1)))
     set_dir = Path(set_dir) / f"k{k}"
     cap_path = set_dir.parent / "pool_style_captions.json"
     set_dir.mkdir(parents=True, exist_ok=True)
     if not cap_path.exists():
-        from .rundir import write_json
         write_json(cap_path, pool_style_captions(train, class_names, seed))
     st = syn.row_settings("base-novg-t2i", str(base_model), num_inference_steps=num_inference_steps,
                           guidance_scale=guidance_scale, image_size=image_size, seed=seed, use_captions=True)
@@ -910,9 +895,6 @@ def synthetic_source(run: Any, table2_row: str, image_size: int, name: str, labe
                      ) -> Optional[AdaptSource]:
     """An :class:`AdaptSource` pooling every complete set of 03's record (``SynthesisRecord``) that
     realises ``table2_row`` (all synthesis seeds; k up to ``max_k``, 0 = any), or None when 03 made none."""
-    from . import data
-    from . import synthesize as syn
-
     root = run_root(run)
     rec = syn.SynthesisRecord.load_or_none(root) if hasattr(syn, "SynthesisRecord") else None
     if rec is None:
@@ -931,9 +913,6 @@ def generated_source(set_dir: str | Path, base_model: str | Path, manifest: str 
                      class_names: Sequence[str], total: int, image_size: int, seed: int = 0,
                      num_inference_steps: int = 30, device: str = "auto") -> AdaptSource:
     """:func:`synthesize_base_t2i` as an :class:`AdaptSource` named ``synthetic``."""
-    from . import data
-    from . import synthesize as syn
-
     folder, per_class = synthesize_base_t2i(set_dir, base_model, manifest, class_names, total, seed,
                                             num_inference_steps, image_size=image_size, device=device)
     images = data.load_images(syn.synthetic_rows(folder), image_size)
@@ -948,8 +927,6 @@ def scratch_comparison(run: Any, pool: Pool, picks: dict[str, list[list[int]]], 
     the full real train split, on 03's default set and on each retrieved set (written under
     ``artifacts/retrieved/<strategy>/``), same seeds; 04's finished runs are reused. Returns the table
     rows (:func:`summarise_runs` entries with ``group``) and :func:`claims`."""
-    from . import classify, params
-
     root = run_root(run)
     art = root / "artifacts"
     rec = classify.ClassifierRecord.load_or_none(root) if hasattr(classify, "ClassifierRecord") else None
@@ -980,8 +957,6 @@ def scratch_comparison(run: Any, pool: Pool, picks: dict[str, list[list[int]]], 
 
 def default_set_dir(run: Any) -> Optional[Path]:
     """03's full-method set at k = 1 and its first synthesis seed (``SynthesisRecord``), or None."""
-    from . import synthesize as syn
-
     root = run_root(run)
     rec = syn.SynthesisRecord.load_or_none(root) if hasattr(syn, "SynthesisRecord") else None
     if rec is None:
