@@ -77,7 +77,6 @@ run = rf.setup(globals(), "00_theory_checks")
 
 import time
 
-import matplotlib.pyplot as plt
 import numpy as np
 
 from realfake_utils import theory
@@ -136,7 +135,6 @@ rel = np.abs(np.array(gap0["mean_ratio"] + gap1["mean_ratio"])
 assert np.all(rel < 0.2), rel
 results["jensen_gap_vs_batch"] = {"zero_mean": gap0, "offset_0.5": gap1}
 run.save_figure(theory.plot_jensen_gap({"iid N(0, 1)": gap0, "iid N(0.5, 1)": gap1}), "00_jensen_gap_vs_batch")
-plt.show()
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -173,7 +171,6 @@ assert perm["power"][-1] > perm["power"][0] and perm["power"][-1] >= 0.8, perm["
 assert max(perm["type1"]) <= 0.25, perm["type1"]
 results["mmd_permutation"] = perm
 run.save_figure(theory.plot_mmd_power(perm), "00_mmd_power")
-plt.show()
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -219,7 +216,6 @@ assert all(v <= hx["allowed_violations"] for v in hx["violations"]), (hx["violat
 assert all(g <= b for g, b in zip(hx["mean_sup_gap"], hx["bound"]))
 results["hoeffding"] = hx
 run.save_figure(theory.plot_hoeffding(hx), "00_hoeffding")
-plt.show()
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -245,7 +241,6 @@ assert holds == diffusion_steps, holds
 print(f"{dr['n_params']} parameters, {diffusion_steps} steps in {dr['seconds']:.1f} s; L_simple "
       f"{dr['l_simple'][0]:.3f} -> {dr['l_simple'][-5:].mean():.3f}, L_DM {dr['l_dm'][0]:.4f} -> {dr['l_dm'][-5:].mean():.4f}")
 run.save_figure(theory.plot_diffusion_losses(dr, diffusion_batch_size), "00_diffusion_losses")
-plt.show()
 
 # %%
 # NBVAL_CHECK_OUTPUT
