@@ -90,8 +90,6 @@ grid_per_class = 8
 expect_gap_reduction = True  # assert that fine-tuning lowers the MMD of the main variant
 
 # %%
-import matplotlib.pyplot as plt
-import numpy as np
 import torch
 
 import realfake_utils as rf
@@ -137,19 +135,7 @@ for name, v in record.variants.items():
 # Loss curves (moving average over 10% of the steps): `L_simple` and the DM term as added to the loss.
 
 # %%
-fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-for name in record.variants:
-    hist = record.history(run, name)
-    k = max(1, len(hist) // 10)
-    for ax, key in zip(axes, ("l_simple", "l_dm")):
-        ax.plot(np.arange(k - 1, len(hist)), np.convolve([h[key] for h in hist], np.ones(k) / k, "valid"), label=name)
-axes[0].set_title("L_simple (Min-SNR weighted)" if snr_gamma > 0 else "L_simple")
-axes[1].set_title("L_DM (weighted, as added to the loss)")
-axes[1].set_yscale("symlog", linthresh=1e-4)
-for ax in axes:
-    ax.set_xlabel("optimizer step")
-axes[0].legend(fontsize=7)
-run.save_figure(fig, "02_loss_curves")
+run.save_figure(ft.plot_loss_curves(run, record), "02_loss_curves")
 
 # %% [markdown]
 # Samples per class before (base model) and after fine-tuning, with the same seeds, at `image_size`.
@@ -168,13 +154,8 @@ if n_per_class > 0:
         fig = plots.per_class_grid(imgs, labels.tolist(), class_names, per_class=grid_per_class,
                                    suptitle=f"{title}: {key}")
         run.save_figure(fig, f"02_samples_{key}")
-    mmd = {"real test (noise floor)": record.mmd2_real_test or 0.0, **record.base_mmd2,
-           **{k: v.mmd2_after for k, v in record.variants.items()}}
-    fig, ax = plt.subplots(figsize=(6, 0.4 * len(mmd) + 1))
-    ax.barh(list(mmd), list(mmd.values()), color=["tab:gray"] + ["tab:orange" if k.startswith("base") else "tab:green"
-                                                                 for k in list(mmd)[1:]])
-    ax.set_xlabel("MMD$^2$ to the target train set (CLIP space)")
-    run.save_figure(fig, "02_mmd_before_after")
+    mmd = ft.mmd_table(record)
+    run.save_figure(ft.plot_mmd(mmd), "02_mmd_before_after")
     for k, v in mmd.items():
         print(f"MMD2(real train, {k}) = {v:.4f}")
 

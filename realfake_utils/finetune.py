@@ -1188,12 +1188,56 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return summary
 
 
+# --------------------------------------------------------------------------------------------------
+# Step 02's figures (one function each)
+# --------------------------------------------------------------------------------------------------
+def plot_loss_curves(run: Any, record: FinetuneRecord):
+    """Per variant, the logged L_simple (Min-SNR-weighted when the record's ``snr_gamma`` > 0) and the
+    weighted L_DM as added to the loss (Eq. 21), per optimizer step, smoothed over a tenth of the run."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    for name in record.variants:
+        hist = record.history(run, name)
+        k = max(1, len(hist) // 10)
+        for ax, key in zip(axes, ("l_simple", "l_dm")):
+            ax.plot(np.arange(k - 1, len(hist)), np.convolve([h[key] for h in hist], np.ones(k) / k, "valid"),
+                    label=name)
+    axes[0].set_title("L_simple (Min-SNR weighted)" if record.config.get("snr_gamma", 0) > 0 else "L_simple")
+    axes[1].set_title("L_DM (weighted, as added to the loss)")
+    axes[1].set_yscale("symlog", linthresh=1e-4)
+    for ax in axes:
+        ax.set_xlabel("optimizer step")
+    axes[0].legend(fontsize=7)
+    return fig
+
+
+def mmd_table(record: FinetuneRecord) -> dict[str, float]:
+    """MMD² to the target train set in CLIP space: the real test split (the noise floor), the base
+    model's samples (with / without the guidance token) and each variant's samples after fine-tuning."""
+    return {"real test (noise floor)": record.mmd2_real_test or 0.0, **record.base_mmd2,
+            **{k: v.mmd2_after for k, v in record.variants.items()}}
+
+
+def plot_mmd(mmd: dict[str, float]):
+    """:func:`mmd_table` as bars: the noise floor grey, the base model orange, the fine-tuned variants green."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 0.4 * len(mmd) + 1))
+    ax.barh(list(mmd), list(mmd.values()), color=["tab:gray"] + ["tab:orange" if k.startswith("base") else "tab:green"
+                                                                 for k in list(mmd)[1:]])
+    ax.set_xlabel("MMD$^2$ to the target train set (CLIP space)")
+    return fig
+
+
 __all__ = [
     "DM_LOSS_FORMS", "GUIDANCE_FEATURES_TRAIN", "GUIDANCE_TOKEN_POSITIONS", "LORA_TARGET_MODULES",
     "LORA_WEIGHT_NAME", "TABLE2_VARIANTS", "FinetuneConfig", "FinetuneRecord", "SampleSettings",
     "TrainContext", "TrainSet", "VariantResult", "base_model_identity", "batch_indices",
     "build_train_set", "condition", "diffusion_loss", "is_trained", "latest_checkpoint", "launch_training",
-    "load_train_set", "lora_key", "main", "parse_variant", "read_history", "resolve_variants",
+    "load_train_set", "lora_key", "main", "mmd_table", "parse_variant", "plot_loss_curves", "plot_mmd",
+    "read_history", "resolve_variants",
     "resume_or_start", "sample_per_class", "save_checkpoint", "save_final", "save_train_set",
     "setup_training", "step_generator", "train_lora", "train_one_epoch", "train_variants",
     "training_guidance_features", "variant_name",
