@@ -23,6 +23,14 @@ def nb_world(world):  # noqa: F811
     return world, marker
 
 
+def run_01_with(world, body: str):
+    """`realfake run --preset small --only 01` with 01's code cell replaced by ``body``; returns the run folder."""
+    make_notebook(world / "notebooks" / "01_beta.ipynb", BETA, body)
+    run_dir = world / "run"
+    runner.main(["run", "--preset", "small", "--only", "01", "--run-dir", str(run_dir)])
+    return run_dir
+
+
 def test_select_notebooks(nb_world):
     assert runner.select_notebooks("1", None) == ["01_beta"]
     assert runner.select_notebooks(None, "01") == ["01_beta", "02_fail"]
@@ -89,9 +97,7 @@ def test_the_runners_kernel_shares_its_lock(nb_world):
     body = ("import os\nfrom realfake_utils import rundir\n"
             "lock = rundir.lock_run_folder(run_dir, role='kernel', token=os.environ['REALFAKE_LOCK_TOKEN'])\n"
             "open(os.path.join(run_dir, 'kernel_lock.txt'), 'w').write(lock.role + ' ' + lock.token)")
-    make_notebook(world / "notebooks" / "01_beta.ipynb", BETA, body)
-    run_dir = world / "run"
-    runner.main(["run", "--preset", "small", "--only", "01", "--run-dir", str(run_dir)])
+    run_dir = run_01_with(world, body)
     role, token = (run_dir / "kernel_lock.txt").read_text().split()
     assert role == "kernel" and len(token) == 16
 
@@ -138,9 +144,7 @@ def test_the_terminal_line_of_01_names_the_excluded_files(nb_world, capsys):
     body = ("import os\nd = os.path.join(run_dir, 'artifacts', 'data')\nos.makedirs(d, exist_ok=True)\n"
             "open(os.path.join(d, 'excluded.csv'), 'w').write("
             "'path,reason,class_name\\n/x/a.png,truncated,a\\n/x/b.png,not an image,b\\n')")
-    make_notebook(world / "notebooks" / "01_beta.ipynb", BETA, body)
-    run_dir = world / "run"
-    runner.main(["run", "--preset", "small", "--only", "01", "--run-dir", str(run_dir)])
+    run_dir = run_01_with(world, body)
     out = capsys.readouterr().out
     assert f"2 file(s) excluded, listed in {run_dir.resolve() / 'artifacts' / 'data' / 'excluded.csv'}" in out
 
