@@ -19,6 +19,17 @@ REPO = Path(__file__).resolve().parent.parent
 CLASSES = ["zero", "one", "two"]
 
 
+def random_train_set(n: int, class_names: list[str], seed: int = 0) -> ft.TrainSet:
+    """``n`` random uint8 16x16 images, labels cycling over ``class_names``, prompts ``photo of [class]``
+    and random 32-d 'CLIP' image embeddings (the training set of the tiny fine-tuning tests)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % len(class_names)
+    return ft.TrainSet(images=torch.randint(0, 256, (n, 3, 16, 16), generator=g, dtype=torch.uint8),
+                       prompts=[f"photo of {class_names[int(c)]}" for c in labels], labels=labels,
+                       image_embeds=torch.randn(n, 32, generator=g), ids=[f"i{i}" for i in range(n)],
+                       class_names=list(class_names))
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny SD pipeline folder and a 12-image training set with 32-d 'CLIP' embeddings."""
@@ -26,13 +37,7 @@ def tiny(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("ft")
     base = models.build_tiny_sd(root / "base", sample_size=16, words=CLASSES)
-    g = torch.Generator().manual_seed(0)
-    n = 12
-    labels = torch.arange(n) % len(CLASSES)
-    ts = ft.TrainSet(images=torch.randint(0, 256, (n, 3, 16, 16), generator=g, dtype=torch.uint8),
-                     prompts=[f"photo of {CLASSES[int(c)]}" for c in labels], labels=labels,
-                     image_embeds=torch.randn(n, 32, generator=g), ids=[f"i{i}" for i in range(n)],
-                     class_names=CLASSES)
+    ts = random_train_set(12, CLASSES)
     ts_path = ft.save_train_set(root / "train_set.safetensors", ts)
     return {"root": root, "base": str(base), "ts": ts, "ts_path": str(ts_path)}
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from realfake_utils import finetune as ft
+from tests.test_finetune import random_train_set
 
 REPO = Path(__file__).resolve().parent.parent
 CLASSES = ["zero", "one", "two", "three"]
@@ -52,13 +53,8 @@ def test_finetune_two_processes_sees_each_sample_once_per_epoch(tmp_path):
 
     base = models.build_tiny_sd(tmp_path / "base", sample_size=16, words=CLASSES,
                                 unet_channels=(16, 32), vae_channels=(8, 16))
-    g = torch.Generator().manual_seed(0)
     n, epochs, global_batch = 16, 2, 8
-    labels = torch.arange(n) % len(CLASSES)
-    ts = ft.TrainSet(images=torch.randint(0, 256, (n, 3, 16, 16), generator=g, dtype=torch.uint8),
-                     prompts=[f"photo of {CLASSES[int(c)]}" for c in labels], labels=labels,
-                     image_embeds=torch.randn(n, 32, generator=g), ids=[f"i{i}" for i in range(n)],
-                     class_names=CLASSES)
+    ts = random_train_set(n, CLASSES)
     ts_path = ft.save_train_set(tmp_path / "train_set.safetensors", ts)
     out = tmp_path / "lora"
     args = ["-m", "realfake_utils.finetune", "--train-set", str(ts_path), "--base-model", str(base),
