@@ -98,9 +98,10 @@ results = ood.evaluate_classifiers(run, trained.runs, variants, folders, len(cla
 record = ood.build_record(results, variants, folders, default_set=default_set,
                           hard_fraction=hard_fraction, hard_filter=hard_filter,
                           hard_filter_models=hard_filter_models)
-print(ood.format_ood_table(record.summary_top1, ["clean"] * bool(clean) + record.ood_sets))
+columns = ["clean"] * any(r.ood_set == "clean" for r in record.results) + record.ood_sets
+print(ood.format_ood_table(record.summary_top1, columns))
 print()
-print(ood.format_ood_table(record.summary_top5, ["clean"] * bool(clean) + record.ood_sets))
+print(ood.format_ood_table(record.summary_top5, columns))
 
 # %% [markdown]
 # Restricting the arg-max to the covered classes (as the datasets' own evaluation does) against the

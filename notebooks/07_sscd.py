@@ -127,9 +127,10 @@ if stand_in:
           "so the pipeline runs; its numbers say nothing about the paper's synthetic data")
     sets = {"STAND-IN perturbed real": sscd.stand_in_set(real, 200, seed)}
 main_set = main_set or max(sets, key=lambda n: len(sets[n]))
-retrieved = {n: sscd.topk_similar(embed(imgs), d_real, k=top_k, device=device) for n, imgs in sets.items()}
-normed = {n: sscd.background_normalize(retrieved[n][0], embed(imgs), d_background, beta=score_norm_beta,
-                                       device=device)[:, 0] if score_norm_beta else None for n, imgs in sets.items()}
+d_sets = {n: embed(imgs) for n, imgs in sets.items()}   # each set through the descriptor once
+retrieved = {n: sscd.topk_similar(d, d_real, k=top_k, device=device) for n, d in d_sets.items()}
+normed = {n: sscd.background_normalize(retrieved[n][0], d, d_background, beta=score_norm_beta,
+                                       device=device)[:, 0] if score_norm_beta else None for n, d in d_sets.items()}
 results_sets = {n: sscd.set_copies(retrieved[n][0][:, 0], cal, normed[n]) for n in sets}
 for n, r in results_sets.items():
     print(f"{n}: {r.n} images, copy rate {100 * r.copy_rate:.1f}% at {cal.threshold:.3f}; top-1 median "

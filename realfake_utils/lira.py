@@ -94,12 +94,16 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 def balanced_masks(n_models: int, n_examples: int, seed: int = 0) -> np.ndarray:
     """``[n_models, n_examples]`` bool: each example is 'in' for exactly ``n_models // 2`` models,
-    chosen at random (Carlini et al.'s construction; ``n_models`` must be even)."""
+    chosen at random (Carlini et al.'s construction; ``n_models`` must be even). A draw that leaves a
+    model without members or non-members (possible with a handful of examples only) is redrawn."""
     if n_models < 2 or n_models % 2:
         raise ValueError(f"n_models must be an even number >= 2 (each example in exactly half), got {n_models}")
     rng = np.random.default_rng(seed)
-    order = rng.uniform(size=(n_models, n_examples)).argsort(0).argsort(0)
-    return order < n_models // 2
+    for _ in range(1000):  # redrawn only when a model got no member or no non-member (a few examples)
+        masks = rng.uniform(size=(n_models, n_examples)).argsort(0).argsort(0) < n_models // 2
+        if n_examples < 2 or (masks.any(1) & ~masks.all(1)).all():
+            break
+    return masks
 
 
 # --------------------------------------------------------------------------------------------------

@@ -38,7 +38,8 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 
 from . import data
-from .classify import _k_axis, accuracy_metrics, evaluate, load_classifier, predict_logits, train_classifier
+from .classify import (_k_axis, accuracy_metrics, evaluate, load_classifier, load_size, predict_logits,
+                       real_dataset, train_classifier)
 from .classify import TensorImages
 from .plots import image_grid
 from .records import Record
@@ -128,7 +129,23 @@ class OODFolder(torch.utils.data.Dataset):
             return im.convert("RGB"), label
 
 
-def evaluate_folder(model, dataset: OODFolder, recipe: dict[str, Any], num_classes: int,
+class SplitImages(torch.utils.data.Dataset):
+    """A split of the run's own manifest (the clean test split) as (PIL, label), decoded one image at a
+    time (``classify.real_dataset``), scored with the recipe's eval transform like an OOD folder."""
+
+    allowed = None      # all classes: no logit restriction
+
+    def __init__(self, manifest: str | os.PathLike, split: str = "test", image_size: int | None = None):
+        self.dataset = real_dataset(manifest, split, image_size)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        return self.dataset[i]
+
+
+def evaluate_folder(model, dataset: OODFolder | SplitImages, recipe: dict[str, Any], num_classes: int,
                     device: str = "cpu", restrict: bool = True) -> dict[str, Any]:
     allowed = dataset.allowed if restrict else None
     m = evaluate(model, dataset, num_classes, recipe, device=device, allowed=allowed)
@@ -357,17 +374,17 @@ def build_ood_sets(run: Any, image_size: int, recipe: dict[str, Any], *, miniatu
     """The OOD sets of a run: (miniature variants {name: {images, labels, allowed, description}},
     ImageNet-style folders {name: OODFolder} for every non-empty root of ``roots`` (``imagenet-v2``,
     ``imagenet-sketch``, ``imagenet-r``, ``imagenet-a``), the clean test split (images, labels), or None
-    when the run has no test split). The clean split is returned without miniature variants too (a paper
-    preset with no OOD folder, e.g. imagenette: Table 4 is an ImageNet-1K experiment), so every classifier
-    is still scored on it. The hard set's filter CNNs train with ``recipe`` (04's) on the real train split."""
+    with the miniature variants, else None). Without miniature variants (the paper presets) the clean test
+    split is the folder ``"clean"`` (:class:`SplitImages`, decoded one image at a time: an ImageNet-size
+    split never sits in memory), so every classifier is scored on it even with no OOD folder (imagenette:
+    Table 4 is an ImageNet-1K experiment). The hard set's filter CNNs train with ``recipe`` (04's) on the
+    real train split."""
     data_dir = (Path(run) if isinstance(run, (str, os.PathLike)) else Path(run.root)) / "artifacts" / "data"
     rows_all = data.read_manifest(data_dir / "manifest.csv")
     num_classes = len(data.class_names(rows_all))
-    variants, clean = {}, None
-    test_x, test_y, _ = data.load_split(data_dir, "test", image_size)
-    if len(test_y):      # the clean test split: every classifier is scored on it, OOD sets or not
-        clean = (test_x, test_y)
+    variants, clean, folders = {}, None, {}
     if miniature_variants:
+        test_x, test_y, _ = data.load_split(data_dir, "test", image_size)
         train_x, train_y, _ = data.load_split(data_dir, "train", image_size)
         filters = None
         if hard_filter == "cnn":
@@ -375,9 +392,13 @@ def build_ood_sets(run: Any, image_size: int, recipe: dict[str, Any], *, miniatu
                                           hard_filter_models, seed=seed, device=device)
         variants = build_miniature_variants(test_x, test_y, train_x, train_y, num_classes, seed=seed,
                                             hard_fraction=hard_fraction, filter_models=filters)
+        clean = (test_x, test_y)
+    elif any(r["split"] == "test" for r in rows_all):
+        size = load_size(recipe) if recipe.get("num_workers", 0) == 0 else None   # as 04 decodes its test split
+        folders["clean"] = SplitImages(data_dir / "manifest.csv", "test", size)
     kinds = {"imagenet-v2": "v2", "imagenet-sketch": "sketch", "imagenet-r": "r", "imagenet-a": "a"}
-    folders = {name: OODFolder(root, kinds[name], model_wnids=label_wnids(rows_all))
-               for name, root in (roots or {}).items() if root}
+    folders |= {name: OODFolder(root, kinds[name], model_wnids=label_wnids(rows_all))
+                for name, root in (roots or {}).items() if root}
     return variants, folders, clean
 
 
@@ -388,9 +409,10 @@ def describe_sets(variants: dict[str, dict[str, Any]], folders: dict[str, OODFol
              f"{v['description']}" for name, v in variants.items()]
     lines += [f"{name:<10} {len(ds):>5} images, "
               f"{'restricted to ' + str(len(ds.allowed)) + ' classes' if ds.allowed else 'all classes'}"
+              + (": the clean test split" if isinstance(ds, SplitImages) else "")
               for name, ds in folders.items()]
-    if not lines:
-        lines = ["no OOD set (miniature_variants off, no imagenet_*_root given): every classifier is scored on "
+    if not variants and not any(isinstance(ds, OODFolder) for ds in folders.values()):
+        lines += ["no OOD set (miniature_variants off, no imagenet_*_root given): every classifier is scored on "
                  "the clean test split only. Table 4 is an ImageNet-1K experiment: the imagenet1k preset sets "
                  "the four roots (imagenet_v2_root, imagenet_sketch_root, imagenet_r_root, imagenet_a_root)"]
     return "\n".join(lines)
@@ -440,7 +462,8 @@ def build_record(results: Sequence[OODResult], variants: dict[str, dict[str, Any
                  folders: dict[str, OODFolder], default_set: str = "", **settings: Any) -> OODRecord:
     """The step's :class:`OODRecord` (``settings``: hard_fraction, hard_filter, hard_filter_models)."""
     sets = {name: v["description"] for name, v in variants.items()}
-    sets |= {name: f"ImageNet-style folder ({len(ds)} images)" for name, ds in folders.items()}
+    sets |= {name: f"ImageNet-style folder ({len(ds)} images)" for name, ds in folders.items()
+             if isinstance(ds, OODFolder)}
     return OODRecord(sets=sets, results=list(results), summary_top1=summarise(results, "top1"),
                      summary_top5=summarise(results, "top5"), default_set=default_set, **settings)
 

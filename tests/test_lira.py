@@ -35,6 +35,8 @@ def test_balanced_masks():
     m = lira.balanced_masks(16, 300, seed=1)
     assert m.shape == (16, 300) and (m.sum(0) == 8).all()
     assert not np.array_equal(m, lira.balanced_masks(16, 300, seed=2))
+    small = lira.balanced_masks(2, 4, seed=0)     # its first draw gave one model all 4 examples, the other none
+    assert (small.sum(0) == 1).all() and small.any(1).all() and (~small).any(1).all()
     with pytest.raises(ValueError, match="even"):
         lira.balanced_masks(5, 10)
 

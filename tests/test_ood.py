@@ -153,16 +153,23 @@ def test_summary_uses_the_seed_statistics_and_record_round_trips(tmp_path):
     assert fig.axes[0].get_xlabel().startswith("k")
 
 
-def test_evaluate_classifiers_reads_every_run(tmp_path):
-    """04's runs (classify.ClassifierRun) -> one result per (classifier, set), restricted sets twice."""
+def _one_trained_run(tmp_path, n: int):
+    """``n`` random 8x8 images of 4 classes, one classifier of the miniature recipe trained on them for an
+    epoch under ``artifacts/classifiers/`` (``ood.train_filter_models``) and 04's run entry for it."""
     g = torch.Generator().manual_seed(0)
-    y = torch.arange(4).repeat(8)
-    x = torch.randint(0, 255, (32, 3, 8, 8), dtype=torch.uint8, generator=g)
+    y = torch.arange(4).repeat(n // 4)
+    x = torch.randint(0, 255, (n, 3, 8, 8), dtype=torch.uint8, generator=g)
     recipe = C.load_recipe("miniature", image_size=8, epochs=1, batch_size=16,
                            model_kwargs={"channels": [8, 8, 8, 8], "stem_width": 8})
     ood.train_filter_models(x, y, 4, recipe, tmp_path / "artifacts" / "classifiers", n_models=1)
     runs = [C.ClassifierRun(source="real", tables=["table1"], k=0, synthesis_seed=None, classifier_seed=0,
-                            top1=0.5, top5=0.9, n_train=32, path="artifacts/classifiers/filter_s10000")]
+                            top1=0.5, top5=0.9, n_train=n, path="artifacts/classifiers/filter_s10000")]
+    return x, y, runs
+
+
+def test_evaluate_classifiers_reads_every_run(tmp_path):
+    """04's runs (classify.ClassifierRun) -> one result per (classifier, set), restricted sets twice."""
+    x, y, runs = _one_trained_run(tmp_path, 32)
     variants = ood.build_miniature_variants(x, y, x, y, 4, hard_fraction=0.25)
     res = ood.evaluate_classifiers(tmp_path, runs, variants, {}, 4, clean=(x, y))
     names = [r.ood_set for r in res]
@@ -177,15 +184,41 @@ def test_evaluate_classifiers_reads_every_run(tmp_path):
 def test_no_ood_set_still_scores_every_classifier_on_the_clean_split(tmp_path):
     """A paper preset without OOD folders (imagenette: Table 4 is ImageNet-1K's): 05 scores each of 04's
     classifiers on the clean test split, so its "every classifier evaluated" check holds (it failed)."""
-    g = torch.Generator().manual_seed(0)
-    y = torch.arange(4).repeat(4)
-    x = torch.randint(0, 255, (16, 3, 8, 8), dtype=torch.uint8, generator=g)
-    recipe = C.load_recipe("miniature", image_size=8, epochs=1, batch_size=16,
-                           model_kwargs={"channels": [8, 8, 8, 8], "stem_width": 8})
-    ood.train_filter_models(x, y, 4, recipe, tmp_path / "artifacts" / "classifiers", n_models=1)
-    runs = [C.ClassifierRun(source="real", tables=["table1"], k=0, synthesis_seed=None, classifier_seed=0,
-                            top1=0.5, top5=0.9, n_train=16, path="artifacts/classifiers/filter_s10000")]
+    x, y, runs = _one_trained_run(tmp_path, 16)
     res = ood.evaluate_classifiers(tmp_path, runs, {}, {}, 4, clean=(x, y))
     assert [r.ood_set for r in res] == ["clean"] and {r.classifier for r in res} == {runs[0].path}
     record = ood.build_record(res, {}, {})
     assert record.ood_sets == [] and "clean test split only" in ood.describe_sets({}, {})
+
+
+def test_paper_preset_clean_split_is_streamed_from_the_manifest(tmp_path):
+    """Without miniature variants the clean test split is a file-backed set (never one tensor in memory)
+    scored like an OOD folder, and no OOD set is claimed."""
+    import csv
+
+    data_dir = tmp_path / "artifacts" / "data"
+    data_dir.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(8):
+        path = data_dir / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(path)
+        rows.append({"id": f"c{i % 2}/img{i}.png", "path": str(path), "index": i, "label": i % 2,
+                     "class_name": f"c{i % 2}", "split": "test" if i < 4 else "train"})
+    with open(data_dir / "manifest.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    recipe = C.load_recipe("miniature", image_size=8, epochs=1, batch_size=4,
+                           model_kwargs={"channels": [8, 8, 8, 8], "stem_width": 8})
+    variants, folders, clean = ood.build_ood_sets(tmp_path, 8, recipe, miniature_variants=False)
+    assert variants == {} and clean is None and list(folders) == ["clean"] and len(folders["clean"]) == 4
+    assert isinstance(folders["clean"], ood.SplitImages) and "clean test split only" in ood.describe_sets(variants, folders)
+    ood.train_filter_models(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 0, 1]), 2, recipe,
+                            tmp_path / "artifacts" / "classifiers", n_models=1)
+    runs = [C.ClassifierRun(source="real", tables=["table1"], k=0, synthesis_seed=None, classifier_seed=0,
+                            top1=0.5, top5=1.0, n_train=4, path="artifacts/classifiers/filter_s10000")]
+    res = ood.evaluate_classifiers(tmp_path, runs, variants, folders, 2, clean=clean)
+    assert [(r.ood_set, r.n, r.restricted) for r in res] == [("clean", 4, False)]
+    record = ood.build_record(res, variants, folders)
+    assert record.ood_sets == [] and record.sets == {}
