@@ -81,6 +81,42 @@ def test_notebook_and_its_text_file_are_in_sync(path):
     assert cells(a) == cells(b), f"{path.name} and {text.name} differ: run jupytext --sync {text}"
 
 
+MAX_NOTEBOOK_CODE_LINES = 105     # DEVELOPING.md: "at most about 100 code lines"
+
+
+def notebook_code_lines(nb) -> int:
+    """Non-blank, non-comment lines of a notebook's code cells (the parameters cell included)."""
+    return sum(1 for c in nb.cells if c.cell_type == "code" for line in c.source.splitlines()
+               if line.strip() and not line.strip().startswith("#"))
+
+
+def notebook_defs(nb) -> list[str]:
+    """``cell <i>: <name>`` for every function or class a code cell defines."""
+    return [f"cell {i}: {n.name}" for i, c in enumerate(nb.cells) if c.cell_type == "code"
+            for n in ast.walk(ast.parse(c.source))
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_is_a_short_narrative(path):
+    """Issue 10: a notebook is parameters -> a few package calls -> plots -> checks: no function or class
+    defined in a cell (logic lives in realfake_utils) and about 100 code lines at most."""
+    nb = nbformat.read(path, as_version=4)
+    defs = notebook_defs(nb)
+    assert not defs, f"{path.name} defines {defs} in its cells: move them into realfake_utils"
+    n = notebook_code_lines(nb)
+    assert n <= MAX_NOTEBOOK_CODE_LINES, (f"{path.name}: {n} code lines (at most about 100): move multi-stage "
+                                          "work into one realfake_utils call")
+
+
+def test_the_notebook_checks_count_code_lines_and_find_a_def():
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# title\ntext\ndef"),
+                                         nbformat.v4.new_code_cell("# comment\n\nx = 1\ny = 2  # c\n"),
+                                         nbformat.v4.new_code_cell("for i in range(2):\n    def f():\n        pass\n")])
+    assert notebook_code_lines(nb) == 5
+    assert notebook_defs(nb) == ["cell 2: f"]
+
+
 # --------------------------------------------------------------------------------------------------
 # Imports between sibling modules of realfake_utils: at module level, no cycle
 # --------------------------------------------------------------------------------------------------
