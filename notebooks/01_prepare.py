@@ -137,7 +137,7 @@ print(f"{len(d.class_names)} classes; pool / train / test disjoint and non-empty
 
 # %%
 cfg = pretrain.MiniatureConfig.from_params(globals())
-pool = prepare.upstream_pool(d, cfg) if miniature else None
+pool = prepare.upstream_pool(d, cfg, art) if miniature else None  # also written once for 08: artifacts/data/pool/
 for name, fig in prepare.pool_figures(pool, d).items():
     run.save_figure(fig, name)
 print("\n".join(prepare.pool_lines(pool, d.class_names, base_model)))

@@ -48,9 +48,9 @@ run_dir = ""
 seed = 0
 device = "auto"
 torch_threads = 1          # 1 is fastest on a CPU shared with other jobs; 0: min(cores, 4)
+clip_model = ""            # "": 01_prepare's CLIP (its record); else an id / path
+pool_index = ""            # "": the pool index 01_prepare wrote (its record); else a folder: images + captions.jsonl (see README)
 image_size = 16
-clip_model = ""            # "": the miniature CLIP of this run (artifacts/miniature/clip); else an id / path
-pool_index = ""            # "": the miniature pool of 01_prepare; else a folder: images + captions.jsonl (see README)
 templates = ["photo of {}", "a photo of {}", "image of {}", "{} picture", "picture of the {}"]  # the miniature CLIP's words
 strategies = ["caption", "knn_image", "knn_caption"]
 sweep_strategy = "caption" # the retrieved line of the sweep
@@ -84,21 +84,13 @@ import time
 import torch
 
 import realfake_utils as rf
-from realfake_utils import clip_adapt, data, retrieval, sscd
+from realfake_utils import clip_adapt, retrieval
 
 run = rf.setup(globals(), "08_retrieval_baseline")
 torch.set_num_threads(torch_threads or min(torch.get_num_threads(), 4))
 t_start = time.time()
-art = run.artifacts
-rows = data.read_manifest(art / "data" / "manifest.csv")  # a clear error if 01_prepare has not run
-class_names = data.class_names(rows)
-C = len(class_names)
-clip_path = clip_model or str(art / "miniature" / "clip")
-train_x, train_y, _ = data.load_split(art / "data", "train", image_size)
-test_x, test_y, _ = data.load_split(art / "data", "test", image_size)
-pool = retrieval.load_pool(art, class_names, image_size, pool_index, clip_path, run.preset)
-print(f"{C} classes; train {len(train_y)}, test {len(test_y)}; pool {len(pool.ids)} ({pool.source['kind']}, "
-      f"{len(pool.excluded)} unreadable excluded); CLIP {clip_path}")
+task = retrieval.load_task(run, image_size, clip_model, pool_index)  # 01's record: splits, CLIP, its pool index
+print(task.summary())
 
 # %% [markdown]
 # ## Indices and queries
@@ -107,13 +99,8 @@ print(f"{C} classes; train {len(train_y)}, test {len(test_y)}; pool {len(pool.id
 # CLIP-score filter.
 
 # %%
-model, tokenizer = clip_adapt.load_clip(clip_path)
-image_feats = clip_adapt.encode_images(model, pool.images)
-caption_feats = retrieval.clip_text_features(clip_path, pool.captions)
-template_feats = retrieval.template_text_features(clip_path, class_names, templates)
-head = clip_adapt.zero_shot_head(model, tokenizer, class_names, templates)
-print("image index", tuple(image_feats.shape), "caption index", tuple(caption_feats.shape),
-      "queries", tuple(template_feats.shape))
+index = retrieval.build_index(task, templates)
+print(index.summary())
 
 # %% [markdown]
 # ## Test near-duplicates (07's descriptor)
@@ -121,13 +108,8 @@ print("image index", tuple(image_feats.shape), "caption index", tuple(caption_fe
 # descriptor and its calibrated threshold come from `07_sscd`'s record (08 trains nothing of 07's).
 
 # %%
-r07 = sscd.SSCDRecord.load(run)
-descriptor = sscd.load_descriptor(r07.descriptor_file(run), r07.descriptor_sha256)
-threshold = dedup_threshold or r07.calibration.threshold
-is_dup, dedup = retrieval.dedup_against_test(descriptor, pool.images, test_x, threshold, r07.size, r07.preprocess, device)
-print(f"threshold {threshold:.3f} ({'dedup_threshold' if dedup_threshold else '07 calibrated'}): "
-      f"{dedup['pool_flagged']} of {dedup['n_pool']} pool images flagged; planted near copies caught "
-      f"{dedup['planted_caught']}/{dedup['planted']}")
+is_dup, dedup = retrieval.find_test_copies(run, task, dedup_threshold, device)
+print(retrieval.dedup_summary(dedup))
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -142,13 +124,9 @@ print(f"planted near copies caught >= {min_near_copy_recall}: True; pool flagged
 
 # %%
 picks, strat = retrieval.retrieve_all(
-    pool, class_names, strategies, image_feats=image_feats, caption_feats=caption_feats, template_feats=template_feats,
-    score_text_feats=head, exclude=is_dup, knn_per_class=knn_per_class, dedup_within=dedup_within,
+    task, index, strategies, exclude=is_dup, knn_per_class=knn_per_class, dedup_within=dedup_within,
     clip_score_threshold=clip_score_threshold, clip_score_percentile=clip_score_percentile, seed=seed)
-for st, v in strat.items():
-    prec = "n/a" if v.label_precision is None else f"{v.label_precision:.3f}"
-    print(f"{retrieval.strategy_label(st):<28} {v.n_images:>5} images, label precision {prec}; removed: "
-          f"{v.test_duplicates_removed} test duplicates, {v.removed_by_dedup} duplicates, {v.removed_by_clip_score} by CLIP score")
+print("\n".join(retrieval.strategy_lines(strat)))
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -161,27 +139,27 @@ print("every strategy: no image twice, no test duplicate: True")
 # ## The sweep: adapt CLIP on each source and size (their Fig. 2)
 
 # %%
-retrieved_max = strat[sweep_strategy].n_images
-sizes = retrieval.sweep_points(retrieved_max, size_fractions, synthetic_multipliers)
-sources, sizes = retrieval.sweep_sources(run, pool, picks[sweep_strategy], sweep_strategy, sizes, class_names,
-                                         image_size, synthetic_generate, synthesis_steps, seed, device)
-cfg = clip_adapt.AdaptConfig(adapt_lr, adapt_batch_size, adapt_epochs, adapt_weight_decay, adapt_warmup_steps,
-                             adapt_train_head, lp_C)
-off = clip_adapt.evaluate(model, head, (train_x, train_y), (test_x, test_y), lp_C)
+sizes = retrieval.sweep_points(strat[sweep_strategy].n_images, size_fractions, synthetic_multipliers)
+sources, sizes = retrieval.sweep_sources(run, task, picks[sweep_strategy], sweep_strategy, sizes, synthetic_generate,
+                                         synthesis_steps, seed, device)
+cfg = clip_adapt.AdaptConfig.from_params(globals())
+off = clip_adapt.evaluate(index.model, index.head, task.train, task.test, lp_C)
 print(f"off-the-shelf CLIP: ZS {off['zero_shot']:.1f}, LP {off['linear_probe']:.1f}; sizes {sizes}")
-points = retrieval.run_sweep(art / "clip_adapt", model, head, sources, sizes, seeds, (train_x, train_y),
-                             (test_x, test_y), cfg, device=device)
+points = retrieval.run_sweep(run.artifacts / "clip_adapt", index.model, index.head, sources, sizes, seeds, task.train,
+                             task.test, cfg, device=device)
+
+# %% [markdown]
+# The verdicts are `retrieval.claim` on the record: `realfake_utils.stats` per size (paired over seeds),
+# across sizes and beyond the retrieved maximum, the computation REPORT.md's claim 6 uses. The figures:
+# their Fig. 2 (ZS and LP vs size, the off-the-shelf CLIP dashed, grey beyond the retrieved maximum)
+# and their Fig. 3 (per class: a target image, then retrieved, synthetic and Real-Fake images).
 
 # %%
-record = retrieval.RetrievalRecord(
-    strategies=strat, sweep_strategy=sweep_strategy, retrieved_max=retrieved_max, sizes=sizes, seeds=list(seeds),
-    off_the_shelf=off, sweep=points, source_labels={s.name: s.label for s in sources},
-    synthetic_sets={s.name: s.fingerprint for s in sources}, dedup=dedup,
-    pool={"n": len(pool.ids), **pool.source, "excluded": len(pool.excluded)}, adapt_config=cfg.to_dict(),
-    templates=list(templates))
+record = retrieval.RetrievalRecord.build(task, strat, sweep_strategy, sizes, seeds, off, points, sources, dedup, cfg,
+                                         templates)
 print("\n".join(retrieval.claim_lines(retrieval.claim(record))))
 run.save_figure(retrieval.plot_sweep(record), "08_sweep_zs_lp")
-run.save_figure(retrieval.plot_examples(train_x, train_y, sources, class_names, grid_per_class),
+run.save_figure(retrieval.plot_examples(*task.train, sources, task.class_names, grid_per_class),
                 "08_retrieved_vs_synthetic")
 
 # %%
@@ -192,18 +170,16 @@ print(f"sweep lines {sorted(sizes)}: one adapted model per size and seed: True")
 
 # %% [markdown]
 # ## Second table: from-scratch classifiers at one size (the kit's earlier comparison)
-# 04's recipe on the real train split, on 03's full-method set at k = 1 and on each retrieved set in
-# `scratch_strategies` (its full retrieved size), seeds `scratch_seeds`; 04's finished runs are reused.
-# Not Geng et al.'s protocol: it tests "retrieved beats synthetic" for a learner trained from scratch.
+# 04's recipe (from its record) on the real train split, on 03's full-method set at k = 1 and on each
+# retrieved set in `scratch_strategies` (its full retrieved size), seeds `scratch_seeds`; 04's finished
+# runs are reused. Not Geng et al.'s protocol: it tests "retrieved beats synthetic" for a learner trained
+# from scratch, its verdict again by `realfake_utils.stats`.
 
 # %%
 if scratch_strategies:
-    record.scratch_table, scratch_claims = retrieval.scratch_comparison(
-        run, pool, picks, class_names, scratch_strategies, scratch_seeds, retrieval.default_set_dir(run), classifier_dir,
-        device)
-    for r in record.scratch_table:
-        print(f"{r['label']:<34} n={r['n_train']:>5}  top-1 {r['mean']:5.1f} (std {r['std']:.1f})")
-    print(f"best retrieval vs synthetic: {scratch_claims.get('verdict', 'n/a')}")
+    record.scratch_table, scratch_claims = retrieval.scratch_comparison(run, task, picks, scratch_strategies,
+                                                                        scratch_seeds, classifier_dir, device)
+    print("\n".join(retrieval.scratch_lines(record.scratch_table, scratch_claims)))
 record.seconds = {"total": round(time.time() - t_start, 1)}
 record.save(run)
 print(f"08_retrieval_baseline done in {time.time() - t_start:.0f}s")

@@ -19,7 +19,7 @@ from .features import (build_prompt, caption_images, class_mean_features, extrac
                        save_feature_cache)
 from .models import load_clip_vision, load_pipeline
 from .plots import image_grid, per_class_grid
-from .pool import PoolIndex, caption_stats, make_pool
+from .pool import POOL_INDEX_DIR, PoolIndex, caption_stats, make_pool, save_pool
 from .pretrain import MiniatureConfig, PartSummary, build_miniature, clip_image_embeds, part_hash, train_oracle
 from .classify import synthetic_only_check
 from .probe import feature_probe_accuracy, mmd2, mmd_report, probe_accuracy, sample_prompts
@@ -261,10 +261,17 @@ def reset_stale_features(features_dir: str | os.PathLike, clip_key: str) -> bool
 # --------------------------------------------------------------------------------------------------
 # 01's stages, one call each: the notebook is parameters -> these calls -> figures -> checks
 # --------------------------------------------------------------------------------------------------
-def upstream_pool(splits: Splits, cfg: MiniatureConfig) -> dict[str, Any]:
+def upstream_pool(splits: Splits, cfg: MiniatureConfig, art_dir: str | os.PathLike | None = None
+                  ) -> dict[str, Any]:
     """The miniature world's upstream pool (``pool.make_pool``: the ``pool`` split's images shifted,
-    with web-like captions), the stand-in for LAION that the base model and CLIP are pretrained on."""
-    return make_pool(splits.split["pool"], splits.images["pool"], splits.class_names, cfg)
+    with web-like captions), the stand-in for LAION that the base model and CLIP are pretrained on. With
+    ``art_dir``, also written once as an image-text index under ``artifacts/data/pool/``
+    (``pool.save_pool``: what 08 retrieves from, never rebuilding it); its ``pool.PoolIndex`` is
+    ``pool["index"]`` (the record's ``pool_index``, see :func:`record_fields`)."""
+    pool = make_pool(splits.split["pool"], splits.images["pool"], splits.class_names, cfg)
+    if art_dir is not None:
+        pool["index"] = save_pool(Path(art_dir) / POOL_INDEX_DIR, pool, splits.class_names)
+    return pool
 
 
 def pool_lines(pool: dict[str, Any] | None, class_names: Sequence[str], base_model: str = "") -> list[str]:
@@ -370,10 +377,12 @@ def sample_base(base_path: str, target: TargetFeatures, splits: Splits, pool: di
 def record_fields(splits: Splits, pool: dict[str, Any] | None, t_start: float) -> dict[str, Any]:
     """The :class:`PrepareRecord` fields that come from the splits, the pool and the run: class names,
     images per split, the excluded images (count and list), the pool's caption kinds
-    (``pool.caption_stats``), torch's thread count and the seconds since ``t_start`` (``time.time()``)."""
+    (``pool.caption_stats``) and index (:func:`upstream_pool`), torch's thread count and the seconds since
+    ``t_start`` (``time.time()``)."""
     return {"class_names": list(splits.class_names), "counts": {s: len(v) for s, v in splits.split.items()},
             "excluded": splits.excluded, "excluded_list": str(splits.excluded_list),
             "caption_kinds": caption_stats(pool["captions"]) if pool is not None else None,
+            "pool_index": pool.get("index") if pool is not None else None,
             "torch_threads": torch.get_num_threads(), "seconds_total": round(time.time() - t_start, 1)}
 
 

@@ -15,6 +15,11 @@ Then de-duplication (:func:`deduplicate`), the CLIP-score filter (:func:`clip_sc
 same sizes and beyond (their Fig. 2 grey regions); :class:`RetrievalRecord` holds it, :func:`claim` judges
 "retrieved real data match or beat synthetic data at every size" through ``realfake_utils.stats``.
 
+08's stages are one call each: :func:`load_task` (01's record: splits, CLIP, the pool index 01 wrote,
+read by :func:`load_pool`, never rebuilt), :func:`build_index`, :func:`find_test_copies` (07's record),
+:func:`retrieve_all`, :func:`sweep_sources` + :func:`run_sweep`, :meth:`RetrievalRecord.build`,
+:func:`scratch_comparison`; figures :func:`plot_sweep` (their Fig. 2) and :func:`plot_examples` (Fig. 3).
+
 The older comparison (a from-scratch classifier on retrieved vs synthetic sets at one size) remains as a
 second, labelled table (:func:`write_image_set`, :func:`summarise_runs`).
 """
@@ -22,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,17 +38,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import classify, clip_adapt, data, params, sscd, stats, synthesize as syn
-from . import pool as pool_module
-from .data import _check_image
-from .params import resolve
-from .records import Record
-from .rundir import atomic_path, confine, write_json
-
-def run_root(run: Any) -> Path:
-    """The run folder of a ``RunDir`` or of a path (a ``pathlib.Path``'s own ``.root`` is ``/``)."""
-    return Path(run) if isinstance(run, (str, os.PathLike)) else Path(run.root)
-
+from . import classify, clip_adapt, data, sscd, stats
+from . import synthesize as syn
+from .pool import PoolIndex, read_pool_index, web_captions
+from .prepare import PrepareRecord
+from .records import Record, run_root
+from .rundir import atomic_path, confine, is_done, write_json
 
 GENG_STRATEGIES = ("caption", "knn_image", "knn_caption")   # Geng et al. Sec. 3.2
 STRATEGIES = GENG_STRATEGIES + ("clip_i2i", "clip_t2i")      # + the from-scratch table's legacy k-NN
@@ -246,7 +246,7 @@ def set_hash(set_dir: str | Path) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# Budget, pool, text queries
+# Budget, text queries
 # --------------------------------------------------------------------------------------------------
 def budget_from_set(rows: Sequence[dict], num_classes: int) -> list[int]:
     """Images per class of an image set's manifest rows (``label`` field): the retrieval budget."""
@@ -254,91 +254,6 @@ def budget_from_set(rows: Sequence[dict], num_classes: int) -> list[int]:
     for r in rows:
         counts[int(r["label"])] += 1
     return counts
-
-
-POOL_CAPTION_FILES = ("captions.jsonl", "captions.csv")
-
-
-def read_pool_index(folder: str | Path, class_names: Sequence[str] | None = None,
-                    check_images: bool = True) -> tuple[list[dict], list[dict]]:
-    """Rows ``{id, path, caption, label}`` of a LAION-style image-text index in ``folder``, and the
-    excluded rows ``{id, path, reason}`` (unreadable images, as ``01_prepare`` excludes them).
-
-    Accepted layouts, first match wins:
-
-    - ``captions.jsonl``: one JSON object per line, ``{"file": "<path relative to folder>",
-      "caption": "<alt text>"}``, optionally ``"id"``, and ``"label"`` (int) or ``"class_name"`` when the
-      true class is known (then label precision is measured; ``-1`` / absent = unknown);
-    - ``captions.csv``: the same fields as columns (header ``file,caption[,label|class_name][,id]``);
-    - img2dataset's ``files`` output: ``<shard>/<key>.jpg`` (or .png / .webp) with the caption in
-      ``<shard>/<key>.txt`` beside it.
-
-    Every ``file`` must stay inside ``folder`` (``rundir.confine``: absolute paths and ``..`` escapes
-    are an :class:`~realfake_utils.rundir.UnsafePathError`).
-    """
-    import csv
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"pool_index {folder} is not a folder (expected images + captions.jsonl, "
-                                "captions.csv, or img2dataset 'files' output)")
-    names = {c: i for i, c in enumerate(class_names or [])}
-    raw: list[dict] = []
-    if (folder / "captions.jsonl").exists():
-        for n, line in enumerate((folder / "captions.jsonl").read_text().splitlines()):
-            if line.strip():
-                try:
-                    raw.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{folder / 'captions.jsonl'} line {n + 1} is not JSON ({err})") from None
-    elif (folder / "captions.csv").exists():
-        with open(folder / "captions.csv", newline="", encoding="utf-8") as f:
-            raw = list(csv.DictReader(f))
-    else:
-        for img in sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp")):
-            txt = img.with_suffix(".txt")
-            raw.append({"file": str(img.relative_to(folder)),
-                        "caption": txt.read_text().strip() if txt.exists() else ""})
-    if not raw:
-        raise ValueError(f"pool_index {folder}: no images found")
-    rows, excluded = [], []
-    for r in raw:
-        if not isinstance(r, dict) or "file" not in r or "caption" not in r:
-            raise ValueError(f"pool_index {folder}: every row needs 'file' and 'caption', got {r}")
-        path = confine(folder, str(r["file"]), what=f"pool_index {folder}: file")
-        label = r.get("label", "")
-        label = int(label) if str(label).strip() not in ("", "None") else names.get(r.get("class_name", ""), -1)
-        row = {"id": str(r.get("id") or f"pool/{r['file']}"), "path": str(path), "index": -1,
-               "caption": str(r["caption"] or ""), "label": int(label)}
-        reason = (_check_image(str(path)) if path.is_file() else "missing file") if check_images else ""
-        if reason:
-            excluded.append({"id": row["id"], "path": row["path"], "reason": reason})
-        else:
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"pool_index {folder}: none of its {len(raw)} images is readable "
-                         f"(first: {excluded[0]['path']}: {excluded[0]['reason']})")
-    return rows, excluded
-
-
-def miniature_pool_config(clip_dir: str | Path, fallback: dict | None = None, force_fallback: bool = False) -> dict:
-    """The pool settings (``image_size``, ``seed``, ``pool_shift``, ``caption_*`` rates) the miniature CLIP
-    was trained with, read from its key file ``<clip_dir>.params.json`` (written by
-    ``miniature.cached_artifact``), else ``fallback`` (e.g. 01_prepare's resolved parameters)."""
-    key = Path(str(clip_dir).rstrip("/") + ".params.json")
-    keys = ("caption_wrong_rate", "caption_missing_rate", "caption_noise_rate", "caption_style_rate")
-    if key.exists() and not force_fallback:
-        p = json.loads(key.read_text())["params"]
-        out = {"image_size": int(p["image_size"]), "seed": int(p["seed"]), "pool_shift": dict(p["shift"]),
-               "pool_fingerprint": p.get("pool"), "source": str(key)}
-        out.update({k: float(p[k]) for k in keys})
-        return out
-    if fallback is None:
-        raise FileNotFoundError(f"{key} does not exist and no fallback configuration was given")
-    out = {"image_size": int(fallback["image_size"]), "seed": int(fallback["seed"]),
-           "pool_shift": dict(fallback["pool_shift"]), "pool_fingerprint": None, "source": "01_prepare parameters"}
-    out.update({k: float(fallback[k]) for k in keys})
-    return out
 
 
 @torch.no_grad()
@@ -472,7 +387,6 @@ def summarise_runs(records: Sequence[dict], synthetic_label: str, recipe: str = 
 # --------------------------------------------------------------------------------------------------
 # Geng et al.'s experiment: the pool, test de-duplication, the data-size sweep of CLIP adaptation
 # --------------------------------------------------------------------------------------------------
-POOL_INDEX_DIR = "data/pool"   # artifacts/data/pool/captions.jsonl: 01's pool as an index, when it writes one
 
 
 @dataclass
@@ -487,68 +401,101 @@ class Pool:
     excluded: list[dict] = field(default_factory=list)
 
 
-def load_pool(art: str | Path, class_names: Sequence[str], image_size: int, pool_index: str = "",
-              clip_dir: str | Path = "", preset: str = "") -> Pool:
-    """The pool 08 retrieves from, read, not rebuilt: ``pool_index`` (a LAION-style folder) if given; else
-    01's pool index ``artifacts/data/pool/`` when 01 wrote one; else the manifest's ``pool`` rows with
-    their ``caption`` column; else (01 stores neither) the same deterministic shift and captions 01
-    applied, recomputed by 01's own function ``miniature.make_pool`` with the settings recorded beside
-    the miniature CLIP (``<clip>.params.json``). Unreadable images are excluded and listed."""
-    mini = _pool_module()
-    art = Path(art)
-    idx = Path(pool_index) if pool_index else art / POOL_INDEX_DIR
-    if pool_index or (idx / "captions.jsonl").exists():
-        rows, excluded = read_pool_index(idx, class_names)
-        return Pool([r["id"] for r in rows], data.load_images(rows, image_size), [r["caption"] for r in rows],
-                    [r["label"] for r in rows], {"kind": "index", "path": str(pool_index or POOL_INDEX_DIR)},
-                    excluded)
-    rows = data.read_manifest(art / "data" / "manifest.csv", "pool")
-    if not rows:
-        raise ValueError("this run has no miniature pool (split_fractions['pool'] = 0 or a real base model): "
-                         "set pool_index to a folder of images + captions.jsonl")
-    import csv
+@dataclass
+class Task:
+    """What 08 works on, read from 01's record and files (:func:`load_task`): the target task's class
+    names, its train and test splits (uint8 images, labels), the upstream pool, the pretrained CLIP and
+    the base model (paths or ids)."""
 
-    with open(art / "data" / "manifest.csv", newline="", encoding="utf-8") as f:
-        caps = {r["id"]: (r.get("caption") or "").strip() for r in csv.DictReader(f)}
-    if all(caps.get(r["id"]) for r in rows):
-        return Pool([r["id"] for r in rows], data.load_images(rows, image_size), [caps[r["id"]] for r in rows],
-                    [int(r["label"]) for r in rows], {"kind": "manifest"})
-    try:
-        pc = miniature_pool_config(clip_dir or art / "miniature" / "clip")
-    except (FileNotFoundError, KeyError):  # no (or another layout of the) key file: 01's resolved parameters
-        pc = miniature_pool_config(clip_dir or art / "miniature" / "clip",
-                                   resolve(preset or "digits", notebooks=["01_prepare"])["01_prepare"], force_fallback=True)
-    if pc["pool_fingerprint"] and pc["pool_fingerprint"] != mini.pool_fingerprint(rows):
-        raise ValueError("the miniature CLIP was trained on another pool than this manifest's: rerun 01_prepare")
-    rates = {k: pc[k] for k in ("caption_wrong_rate", "caption_missing_rate", "caption_noise_rate", "caption_style_rate")}
-    cfg = (mini.PoolConfig(seed=pc["seed"], pool_shift=pc["pool_shift"], **rates) if hasattr(mini, "PoolConfig")
-           else mini.MiniatureConfig(image_size=pc["image_size"], seed=pc["seed"], pool_shift=pc["pool_shift"], **rates))
-    pool = mini.make_pool(rows, data.load_images(rows, pc["image_size"]), class_names, cfg)
-    images = pool["images"]
-    if images.shape[-1] != image_size:
-        images = data_resize(images, image_size)
-    return Pool(pool["ids"], images, [c["caption"] for c in pool["captions"]], list(pool["labels"]),
-                {"kind": "miniature", "config_from": Path(pc["source"]).name,
-                 "caption_kinds": mini.caption_stats(pool["captions"])})
+    class_names: list[str]
+    train: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+    pool: Pool
+    clip_path: str
+    base_model: str
+
+    def summary(self) -> str:
+        p = self.pool
+        return (f"{len(self.class_names)} classes; train {len(self.train[1])}, test {len(self.test[1])}; pool "
+                f"{len(p.ids)} (from {p.source['kind']}: {p.source['path']}; {len(p.excluded)} unreadable excluded); "
+                f"CLIP {self.clip_path}")
 
 
-def _pool_module():
-    """The module holding the miniature pool's functions (:mod:`realfake_utils.pool`)."""
-    return pool_module
+@dataclass
+class Index:
+    """The retrieval indices and queries of Geng et al. Sec. 3.2 (:func:`build_index`): the pretrained CLIP
+    ``model``; its zero-shot ``head`` [C, D] (per class the templates' normalised mean, also the text side
+    of the CLIP-score filter); the pool's L2-normalised ``image`` embeddings [N, D]; its ``caption`` text
+    embeddings [N, D]; the class-name x template text embeddings ``templates`` [C, T, D] (the k-NN queries)."""
+
+    model: Any
+    head: torch.Tensor
+    image: torch.Tensor
+    caption: torch.Tensor
+    templates: torch.Tensor
+
+    def summary(self) -> str:
+        return (f"image index {tuple(self.image.shape)}, caption index {tuple(self.caption.shape)}, "
+                f"queries {tuple(self.templates.shape)}, zero-shot head {tuple(self.head.shape)}")
 
 
-def data_resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 images resized (bilinear, antialiased) to ``size`` x ``size``."""
-    x = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8)
+def _run_path(root: Path, stored: str) -> str:
+    """A record's model path: relative to the run folder when it lies inside it, else an id / path as given."""
+    p = root / stored
+    return str(p) if p.exists() else stored
 
 
-@torch.no_grad()
-def template_text_features(clip_model: str | Path, class_names: Sequence[str], templates: Sequence[str]
-                           ) -> torch.Tensor:
+def load_task(run: Any, image_size: int, clip_model: str = "", pool_index: str = "") -> Task:
+    """The target task and the generator's upstream data as ``01_prepare`` recorded them
+    (``prepare.PrepareRecord``): class names, train / test splits of the manifest, the CLIP (``clip_model``
+    if set, else 01's) and the pool (:func:`load_pool`: ``pool_index`` if set, else the index 01 wrote)."""
+    root = run_root(run)
+    rec = PrepareRecord.load(root)
+    ddir = root / "artifacts" / "data"
+    train_x, train_y, _ = data.load_split(ddir, "train", image_size)
+    test_x, test_y, _ = data.load_split(ddir, "test", image_size)
+    pool = load_pool(root, rec.class_names, image_size, pool_index, rec.pool_index)
+    return Task(list(rec.class_names), (train_x, train_y), (test_x, test_y), pool,
+                clip_model or _run_path(root, rec.clip_model), _run_path(root, rec.base_model))
+
+
+def build_index(task: Task, templates: Sequence[str]) -> Index:
+    """Load the pretrained CLIP and embed the pool's images and captions, every class name in every
+    template, and the zero-shot head (``clip_adapt.zero_shot_head``)."""
+    model, tokenizer = clip_adapt.load_clip(task.clip_path)
+    return Index(model, clip_adapt.zero_shot_head(model, tokenizer, task.class_names, templates),
+                 clip_adapt.encode_images(model, task.pool.images),
+                 clip_adapt.encode_texts(model, tokenizer, task.pool.captions),
+                 template_text_features(model, tokenizer, task.class_names, templates))
+
+
+def load_pool(root: str | Path, class_names: Sequence[str], image_size: int, pool_index: str = "",
+              prepared: Optional[PoolIndex] = None) -> Pool:
+    """The pool 08 retrieves from, read, never rebuilt: the folder ``pool_index`` (a LAION-style index,
+    ``pool.read_pool_index``) when given, else the index ``01_prepare`` wrote (``prepared``, its record's
+    ``pool_index``: the shifted images and web captions its base model and CLIP were pretrained on),
+    verified by its ``DONE.json`` marker. Unreadable images are excluded and listed."""
+    root = Path(root)
+    if pool_index:
+        folder, source = Path(pool_index), {"kind": "pool_index", "path": str(pool_index)}
+    elif prepared is None:
+        raise ValueError("01_prepare wrote no upstream pool (a real base_model was pretrained elsewhere): set "
+                         "08's pool_index to a LAION-style folder of images + captions.jsonl")
+    else:
+        folder = confine(root, prepared.path, what="01_prepare's pool_index")
+        if not is_done(folder, prepared.key):
+            raise RuntimeError(f"{folder}: 01_prepare's pool index is incomplete or changed since 01 wrote it: "
+                               "rerun 01_prepare")
+        source = {"kind": "01_prepare", "path": prepared.path, "key": prepared.key}
+    rows, excluded = read_pool_index(folder, class_names)
+    return Pool([r["id"] for r in rows], data.load_images(rows, image_size), [r["caption"] for r in rows],
+                [r["label"] for r in rows], source, excluded)
+
+
+def template_text_features(model, tokenizer, class_names: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
     """[C, T, D] text embeddings of every class name in every template (the k-NN queries)."""
     prompts = [t.format(c) for c in class_names for t in templates]
-    return clip_text_features(clip_model, prompts).reshape(len(class_names), len(templates), -1)
+    return clip_adapt.encode_texts(model, tokenizer, prompts).reshape(len(class_names), len(templates), -1)
 
 
 def dedup_against_test(descriptor, pool_images: torch.Tensor, test_images: torch.Tensor, threshold: float,
@@ -569,6 +516,25 @@ def dedup_against_test(descriptor, pool_images: torch.Tensor, test_images: torch
     return mask, {"threshold": float(threshold), "pool_flagged": int(mask.sum()), "n_pool": int(len(mask)),
                   "planted_caught": int(caught.sum()), "planted": len(near),
                   "planted_recall": float(caught.float().mean()) if len(near) else float("nan")}
+
+
+def find_test_copies(run: Any, task: Task, dedup_threshold: float = 0.0, device: str = "cpu", n_planted: int = 20
+                ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """:func:`dedup_against_test` of the pool against the test split with ``07_sscd``'s descriptor and,
+    unless ``dedup_threshold`` > 0, its calibrated threshold (both from its ``SSCDRecord``: 08 trains
+    nothing of 07's). The info's ``threshold_from`` names where the threshold came from."""
+    rec = sscd.SSCDRecord.load(run_root(run))
+    descriptor = sscd.load_descriptor(rec.descriptor_file(run), rec.descriptor_sha256)
+    threshold = dedup_threshold or rec.calibration.threshold
+    mask, info = dedup_against_test(descriptor, task.pool.images, task.test[0], threshold, rec.size, rec.preprocess,
+                                    device, n_planted)
+    return mask, {**info, "threshold_from": "dedup_threshold" if dedup_threshold else "07_sscd calibrated"}
+
+
+def dedup_summary(info: dict[str, Any]) -> str:
+    """One line: the threshold, where it came from, pool images flagged, planted near copies caught."""
+    return (f"threshold {info['threshold']:.3f} ({info['threshold_from']}): {info['pool_flagged']} of {info['n_pool']} "
+            f"pool images flagged; planted near copies caught {info['planted_caught']}/{info['planted']}")
 
 
 def proportional_subset(per_class: Sequence[Sequence[int]], total: int, seed: int) -> list[list[int]]:
@@ -672,6 +638,20 @@ class RetrievalRecord(Record):
                           "images at one size (the kit's earlier comparison, not Geng et al.'s protocol)")
     seconds: dict[str, float] = field(default_factory=dict)
 
+    @classmethod
+    def build(cls, task: Task, strategies: dict[str, StrategyStats], sweep_strategy: str,
+              sizes: dict[str, list[int]], seeds: Sequence[int], off_the_shelf: dict[str, float],
+              sweep: list[SweepPoint], sources: Sequence[AdaptSource], dedup: dict[str, Any], config: Any,
+              templates: Sequence[str]) -> "RetrievalRecord":
+        """The record of one sweep: the retrieved maximum is the ``sweep_strategy``'s yield; the pool's
+        provenance (:attr:`Pool.source`), size and excluded count; each source's label and fingerprint."""
+        return cls(strategies=strategies, sweep_strategy=sweep_strategy,
+                   retrieved_max=strategies[sweep_strategy].n_images, sizes=sizes, seeds=list(seeds),
+                   off_the_shelf=off_the_shelf, sweep=sweep, source_labels={s.name: s.label for s in sources},
+                   synthetic_sets={s.name: s.fingerprint for s in sources}, dedup=dedup,
+                   pool={"n": len(task.pool.ids), **task.pool.source, "excluded": len(task.pool.excluded)},
+                   adapt_config=config.to_dict(), templates=list(templates))
+
 
 METRICS = ("zero_shot", "linear_probe")
 
@@ -757,6 +737,7 @@ def plot_sweep(record: RetrievalRecord):
     """Their Fig. 2 analog: ZS and LP top-1 vs number of adaptation images, mean +- 1 std over seeds per
     source, the off-the-shelf CLIP dashed, the region beyond the retrieved maximum grey."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for ax, metric, title in zip(axes, METRICS, ("zero-shot (ZS)", "linear probe (LP)")):
@@ -769,9 +750,12 @@ def plot_sweep(record: RetrievalRecord):
             ax.errorbar(ns, m, yerr=sd, color=color, marker=marker, capsize=3, lw=1.2,
                         label=record.source_labels.get(src, src))
         ax.axhline(record.off_the_shelf[metric], color="purple", ls="--", lw=1, label="off-the-shelf CLIP")
-        if record.retrieved_max:
-            ax.axvspan(record.retrieved_max, ax.get_xlim()[1], color="0.9", zorder=0)
         ax.set_xscale("log")
+        sizes = sorted({p.size for p in record.sweep})
+        if record.retrieved_max and sizes and sizes[-1] > record.retrieved_max:
+            ax.axvspan(record.retrieved_max, sizes[-1] * 1.1, color="0.9", zorder=0)
+        ax.set_xticks(sizes, [str(n) for n in sizes], fontsize=7)
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("adaptation images")
         ax.set_ylabel("top-1 on the target test split (%)")
         ax.set_title(title, fontsize=9)
@@ -786,6 +770,8 @@ def plot_examples(target_x: torch.Tensor, target_y: torch.Tensor, sources: Seque
                   class_names: Sequence[str], per_class: int = 4, size: float = 0.7):
     """Their Fig. 3 analog: per class (rows) one target train image (ground truth), then ``per_class``
     images of each source (``retrieved``, ``synthetic``, ...), the first of each class."""
+    import textwrap
+
     import matplotlib.pyplot as plt
 
     C, S = len(class_names), len(sources)
@@ -803,9 +789,12 @@ def plot_examples(target_x: torch.Tensor, target_y: torch.Tensor, sources: Seque
         axes[c, 0].text(-0.1, 0.5, str(class_names[c]), ha="right", va="center", fontsize=7,
                         transform=axes[c, 0].transAxes)
     axes[0, 0].set_title("target", fontsize=7)
-    for j, src in enumerate(sources):
-        axes[0, 2 + j * (per_class + 1)].set_title(src.label, fontsize=6, loc="left")
-    fig.subplots_adjust(left=0.1, right=0.99, top=0.9, bottom=0.02, wspace=0.05, hspace=0.05)
+    titles = [textwrap.fill(src.label, max(12, 10 * per_class)) for src in sources]
+    for j, title in enumerate(titles):
+        axes[0, 2 + j * (per_class + 1)].set_title(title, fontsize=6, loc="left")
+    head = 0.15 * max(t.count("\n") + 1 for t in titles) if titles else 0.15
+    fig.subplots_adjust(left=0.1, right=0.99, top=1 - (head + 0.1) / (size * C + 0.5), bottom=0.02, wspace=0.05,
+                        hspace=0.05)
     return fig
 
 
@@ -815,10 +804,10 @@ def plot_examples(target_x: torch.Tensor, target_y: torch.Tensor, sources: Seque
 def pool_style_captions(rows: Sequence[dict], class_names: Sequence[str], seed: int,
                         noise_rate: float = 0.5) -> dict[str, str]:
     """id -> a web-style caption naming the row's own class (the pool's caption templates and noise
-    words, ``miniature.web_captions`` with no wrong / missing class word): the prompts of the base model,
+    words, ``pool.web_captions`` with no wrong / missing class word): the prompts of the base model,
     as Geng et al. prompt SD with LAION-style captions of the class."""
-    caps = _pool_module().web_captions([f"geng/{r['id']}" for r in rows], [int(r["label"]) for r in rows], class_names,
-                             seed, wrong_rate=0.0, missing_rate=0.0, noise_rate=noise_rate, style_rate=0.0)
+    caps = web_captions([f"geng/{r['id']}" for r in rows], [int(r["label"]) for r in rows], class_names,
+                        seed, wrong_rate=0.0, missing_rate=0.0, noise_rate=noise_rate, style_rate=0.0)
     return {str(r["id"]): c["caption"] for r, c in zip(rows, caps)}
 
 
@@ -832,8 +821,6 @@ def synthesize_base_t2i(set_dir: str | Path, base_model: str | Path, manifest: s
     split (per class as in the split), prompts ``photo of <class>, <pool-style caption>``, into
     ``<set_dir>/k<k>`` (a larger k later reuses the smaller set's images, as 03's sets do).
     Returns the set folder and per-class index lists into ``synthesize.synthetic_rows(folder)``."""
-    import math
-
     train = data.read_manifest(manifest, "train")
     k = max(1, math.ceil(total_needed / max(len(train), 1)))
     set_dir = Path(set_dir) / f"k{k}"
@@ -857,19 +844,18 @@ def fingerprint(images: torch.Tensor) -> str:
     return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-def retrieve_all(pool: Pool, class_names: Sequence[str], strategies: Sequence[str], *, image_feats: torch.Tensor,
-                 caption_feats: torch.Tensor, template_feats: torch.Tensor, score_text_feats: torch.Tensor,
-                 exclude: torch.Tensor, knn_per_class: int = 0, dedup_within: float = 0.98,
-                 clip_score_threshold: float = 0.0, clip_score_percentile: float = 0.0, seed: int = 0
+def retrieve_all(task: Task, index: Index, strategies: Sequence[str], *, exclude: torch.Tensor,
+                 knn_per_class: int = 0, dedup_within: float = 0.98, clip_score_threshold: float = 0.0,
+                 clip_score_percentile: float = 0.0, seed: int = 0
                  ) -> tuple[dict[str, list[list[int]]], dict[str, StrategyStats]]:
-    """Every strategy's retrieved set, as far as the pool yields (caption: every match; k-NN: the
-    ``knn_per_class`` nearest per class, 0 = the caption strategy's mean matches per class), test
-    duplicates (``exclude``) removed, then :func:`deduplicate` at ``dedup_within`` (CLIP image cosine)
-    and :func:`clip_score_filter` (``clip_score_threshold`` > 0, else ``clip_score_percentile`` > 0,
-    else none). Returns picks and :class:`StrategyStats` per strategy."""
-    C, N = len(class_names), len(pool.ids)
-    kw = dict(captions=pool.captions, class_names=class_names, pool_feats=image_feats, caption_feats=caption_feats,
-              template_feats=template_feats, seed=seed)
+    """Every strategy's retrieved set from ``task.pool``, as far as the pool yields (caption: every match;
+    k-NN: the ``knn_per_class`` nearest per class, 0 = the caption strategy's mean matches per class),
+    test duplicates (``exclude``) removed, then :func:`deduplicate` at ``dedup_within`` (CLIP image
+    cosine) and :func:`clip_score_filter` against the zero-shot head (``clip_score_threshold`` > 0, else
+    ``clip_score_percentile`` > 0, else none). Returns picks and :class:`StrategyStats` per strategy."""
+    pool, C, N = task.pool, len(task.class_names), len(task.pool.ids)
+    kw = dict(captions=pool.captions, class_names=task.class_names, pool_feats=index.image,
+              caption_feats=index.caption, template_feats=index.templates, seed=seed)
     if not knn_per_class:
         n_cap = sum(map(len, retrieve("caption", [N] * C, exclude=exclude, **kw)))
         knn_per_class = max(1, round(n_cap / C))
@@ -879,8 +865,8 @@ def retrieve_all(pool: Pool, class_names: Sequence[str], strategies: Sequence[st
         budget = [N] * C if st == "caption" else [knn_per_class] * C
         raw = retrieve(st, budget, **kw)
         no_dup = retrieve(st, budget, exclude=exclude, **kw)
-        dd = deduplicate(no_dup, image_feats, dedup_within) if dedup_within < 1 else no_dup
-        p = clip_score_filter(dd, image_feats, score_text_feats,
+        dd = deduplicate(no_dup, index.image, dedup_within) if dedup_within < 1 else no_dup
+        p = clip_score_filter(dd, index.image, index.head,
                               clip_score_threshold if clip_score_threshold > 0 else None,
                               clip_score_percentile if clip_score_threshold <= 0 and clip_score_percentile > 0 else None)
         picks[st] = p
@@ -891,12 +877,23 @@ def retrieve_all(pool: Pool, class_names: Sequence[str], strategies: Sequence[st
     return picks, out
 
 
+def strategy_lines(strategies: dict[str, StrategyStats]) -> list[str]:
+    """One line per strategy: images, label precision (known labels only), what each filter removed."""
+    out = []
+    for st, v in strategies.items():
+        prec = "n/a" if v.label_precision is None else f"{v.label_precision:.3f}"
+        out.append(f"{strategy_label(st):<28} {v.n_images:>5} images, label precision {prec}; removed: "
+                   f"{v.test_duplicates_removed} test duplicates, {v.removed_by_dedup} duplicates, "
+                   f"{v.removed_by_clip_score} by CLIP score")
+    return out
+
+
 def synthetic_source(run: Any, table2_row: str, image_size: int, name: str, label: str, max_k: int = 0
                      ) -> Optional[AdaptSource]:
     """An :class:`AdaptSource` pooling every complete set of 03's record (``SynthesisRecord``) that
     realises ``table2_row`` (all synthesis seeds; k up to ``max_k``, 0 = any), or None when 03 made none."""
     root = run_root(run)
-    rec = syn.SynthesisRecord.load_or_none(root) if hasattr(syn, "SynthesisRecord") else None
+    rec = syn.SynthesisRecord.load_or_none(root)
     if rec is None:
         return None
     dirs = [root / s.path for s in rec.sets if s.complete and s.table2_row == table2_row and (not max_k or s.k <= max_k)]
@@ -920,21 +917,17 @@ def generated_source(set_dir: str | Path, base_model: str | Path, manifest: str 
                        per_class, fingerprint(images))
 
 
-def scratch_comparison(run: Any, pool: Pool, picks: dict[str, list[list[int]]], class_names: Sequence[str],
-                       strategies: Sequence[str], seeds: Sequence[int], synthetic_dir: Optional[Path],
-                       classifier_dir: str = "classifiers", device: str = "auto") -> tuple[list[dict], dict]:
-    """The second table: 04's from-scratch classifier (recipe of 04's record, else of its parameters) on
-    the full real train split, on 03's default set and on each retrieved set (written under
-    ``artifacts/retrieved/<strategy>/``), same seeds; 04's finished runs are reused. Returns the table
-    rows (:func:`summarise_runs` entries with ``group``) and :func:`claims`."""
+def scratch_comparison(run: Any, task: Task, picks: dict[str, list[list[int]]], strategies: Sequence[str],
+                       seeds: Sequence[int], classifier_dir: str = "classifiers", device: str = "auto"
+                       ) -> tuple[list[dict], dict]:
+    """The second table: 04's from-scratch classifier (the recipe of 04's ``ClassifierRecord``) on the
+    full real train split, on 03's default set at k = 1 (:func:`default_set_dir`) and on each retrieved
+    set (written under ``artifacts/retrieved/<strategy>/``), same seeds; 04's finished runs are reused.
+    Returns the table rows (:func:`summarise_runs` entries with ``group``) and :func:`claims`."""
     root = run_root(run)
     art = root / "artifacts"
-    rec = classify.ClassifierRecord.load_or_none(root) if hasattr(classify, "ClassifierRecord") else None
-    if rec is not None:
-        recipe = rec.recipe
-    else:
-        p04 = params.resolve(getattr(run, "preset", "digits"), notebooks=["04_train_classifier"])["04_train_classifier"]
-        recipe = classify.load_recipe(p04["recipe"], image_size=int(pool.images.shape[-1]), **p04["recipe_overrides"])
+    recipe = classify.ClassifierRecord.load(root).recipe
+    synthetic_dir = default_set_dir(root)
     manifest = art / "data" / "manifest.csv"
     specs = [classify.RunSpec("real", [classify.Source("real", str(manifest))], seed=s, table="08") for s in seeds]
     if synthetic_dir is not None:
@@ -943,8 +936,8 @@ def scratch_comparison(run: Any, pool: Pool, picks: dict[str, list[list[int]]], 
                                    seed=s, k=1, table="08") for s in seeds]
     for st in strategies:
         if sum(map(len, picks[st])):
-            d = write_image_set(art / "retrieved" / st, pool.images, picks[st], class_names, pool.ids,
-                                tag=f"retrieval:{st}", prompts=pool.captions)
+            d = write_image_set(art / "retrieved" / st, task.pool.images, picks[st], task.class_names, task.pool.ids,
+                                tag=f"retrieval:{st}", prompts=task.pool.captions)
             specs += [classify.RunSpec(f"retrieved-{st}", [classify.Source("retrieved", str(d), name=st)], seed=s,
                                        table="08") for s in seeds]
     records = classify.run_experiments(specs, manifest, art / classifier_dir, recipe, device=device, verbose=False)
@@ -955,10 +948,17 @@ def scratch_comparison(run: Any, pool: Pool, picks: dict[str, list[list[int]]], 
     return table, claims(lines)
 
 
+def scratch_lines(table: Sequence[dict], scratch_claims: dict) -> list[str]:
+    """The second table as text (label, training images, mean and std of top-1 over seeds) and the
+    verdict of :func:`claims` (``stats.compare`` / ``stats.verdict``)."""
+    out = [f"{r['label']:<34} n={r['n_train']:>5}  top-1 {r['mean']:5.1f} (std {r['std']:.1f})" for r in table]
+    return out + [f"best retrieval vs synthetic: {scratch_claims.get('verdict', 'n/a')}"]
+
+
 def default_set_dir(run: Any) -> Optional[Path]:
     """03's full-method set at k = 1 and its first synthesis seed (``SynthesisRecord``), or None."""
     root = run_root(run)
-    rec = syn.SynthesisRecord.load_or_none(root) if hasattr(syn, "SynthesisRecord") else None
+    rec = syn.SynthesisRecord.load_or_none(root)
     if rec is None:
         return None
     sets = sorted((s for s in rec.sets if s.complete and s.table2_row == rec.default_row and s.k == 1),
@@ -966,22 +966,23 @@ def default_set_dir(run: Any) -> Optional[Path]:
     return root / sets[0].path if sets else None
 
 
-def sweep_sources(run: Any, pool: Pool, picks: list[list[int]], strategy: str, sizes: dict[str, list[int]],
-                  class_names: Sequence[str], image_size: int, generate: bool = False, synthesis_steps: int = 30,
-                  seed: int = 0, device: str = "auto") -> tuple[list[AdaptSource], dict[str, list[int]]]:
-    """The lines of the sweep: ``retrieved`` (``picks`` of ``strategy``), ``synthetic`` (03's
-    ``base-novg-t2i`` sets; generated here with :func:`generated_source` when ``generate`` or when 03
-    made none) and ``realfake`` (03's full-method sets at k = 1, when present); each line's sizes capped
-    by the images it has (``realfake`` takes the shared sizes)."""
+def sweep_sources(run: Any, task: Task, picks: list[list[int]], strategy: str, sizes: dict[str, list[int]],
+                  generate: bool = False, synthesis_steps: int = 30, seed: int = 0, device: str = "auto"
+                  ) -> tuple[list[AdaptSource], dict[str, list[int]]]:
+    """The lines of the sweep: ``retrieved`` (``picks`` of ``strategy`` from ``task.pool``), ``synthetic``
+    (03's ``base-novg-t2i`` sets; generated here from 01's base model with :func:`generated_source` when
+    ``generate`` or when 03 made none) and ``realfake`` (03's full-method sets at k = 1, when present);
+    each line's sizes capped by the images it has (``realfake`` takes the shared sizes)."""
     root = run_root(run)
     art = root / "artifacts"
-    sources = [AdaptSource("retrieved", f"retrieved real ({strategy_label(strategy)})", pool.images, picks,
-                           fingerprint(pool.images))]
+    image_size = int(task.train[0].shape[-1])
+    sources = [AdaptSource("retrieved", f"retrieved real ({strategy_label(strategy)})", task.pool.images, picks,
+                           fingerprint(task.pool.images))]
     syn_src = None if generate else synthetic_source(root, "base-novg-t2i", image_size, "synthetic",
                                                      "synthetic: base model txt2img (03's base-novg-t2i)")
     if syn_src is None:
-        syn_src = generated_source(art / "retrieved" / "synthetic-base-t2i", art / "miniature" / "base",
-                                   art / "data" / "manifest.csv", class_names, max(sizes["synthetic"]), image_size,
+        syn_src = generated_source(art / "retrieved" / "synthetic-base-t2i", task.base_model,
+                                   art / "data" / "manifest.csv", task.class_names, max(sizes["synthetic"]), image_size,
                                    seed, synthesis_steps, device)
     full = synthetic_source(root, "lora-dm-vg-lp", image_size, "realfake", "Real-Fake full method (lora-dm-vg-lp, k=1)", 1)
     sources += [s for s in (syn_src, full) if s is not None]

@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from realfake_utils import pool as pl
 from realfake_utils import retrieval
 
 
@@ -105,27 +106,13 @@ def test_read_pool_index_layouts(tmp_path):
             (d / "captions.csv").write_text("file,caption,class_name\n00000/a.png,a cat,cat\n00000/b.png,x,\n")
         else:
             (d / "00000" / "a.txt").write_text("a cat\n")
-        rows, excluded = retrieval.read_pool_index(d, ["dog", "cat"])
+        rows, excluded = pl.read_pool_index(d, ["dog", "cat"])
         assert excluded == []
         assert [r["caption"] for r in rows] == ["a cat", "" if layout == "files" else "x"]
         assert rows[0]["path"] == str(d / "00000" / "a.png")
         assert [r["label"] for r in rows] == ([-1, -1] if layout == "files" else [1, -1])
     with pytest.raises(FileNotFoundError, match="pool_index"):
-        retrieval.read_pool_index(tmp_path / "missing")
-
-
-def test_miniature_pool_config_from_key_file_and_fallback(tmp_path):
-    clip = tmp_path / "clip"
-    clip.mkdir()
-    fb = {"image_size": 16, "seed": 3, "pool_shift": {"tint": 0.1}, "caption_wrong_rate": 0.1,
-          "caption_missing_rate": 0.2, "caption_noise_rate": 0.3, "caption_style_rate": 0.4}
-    assert retrieval.miniature_pool_config(clip, fb)["seed"] == 3
-    key = {"params": {"image_size": 8, "seed": 1, "shift": {"tint": 0.5}, "pool": "abc", "caption_wrong_rate": 0.0,
-                      "caption_missing_rate": 0.5, "caption_noise_rate": 0.0, "caption_style_rate": 0.0}}
-    (tmp_path / "clip.params.json").write_text(json.dumps(key))
-    pc = retrieval.miniature_pool_config(clip, fb)
-    assert (pc["seed"], pc["image_size"], pc["pool_shift"], pc["pool_fingerprint"]) == (1, 8, {"tint": 0.5}, "abc")
-    assert pc["caption_missing_rate"] == 0.5
+        pl.read_pool_index(tmp_path / "missing")
 
 
 def test_stale_runs(tmp_path):
@@ -204,10 +191,10 @@ def test_pool_index_paths_are_confined_and_unreadable_images_excluded(tmp_path):
     for bad in ("../../../etc/hostname", "/etc/shadow"):
         (d / "captions.jsonl").write_text(json.dumps({"file": bad, "caption": "x"}) + "\n")
         with pytest.raises(UnsafePathError):
-            retrieval.read_pool_index(d)
+            pl.read_pool_index(d)
     (d / "captions.jsonl").write_text("".join(json.dumps({"file": f, "caption": f}) + "\n"
                                               for f in ("ok.png", "broken.png", "gone.png")))
-    rows, excluded = retrieval.read_pool_index(d)
+    rows, excluded = pl.read_pool_index(d)
     assert [r["caption"] for r in rows] == ["ok.png"]
     assert [e["path"].endswith(n) for e, n in zip(excluded, ("broken.png", "gone.png"))] == [True, True]
     assert excluded[1]["reason"] == "missing file"
@@ -266,9 +253,11 @@ def test_sweep_points_and_proportional_subsets():
 
 
 def _record(retr, syn, sizes=(10, 20, 30)):
-    pts = [retrieval.SweepPoint(src, n, s, v + 0.3 * s, v + 0.2 * s)
+    # a per-seed offset shared by both sources, and a zero-mean one of the retrieved side (seeds differ)
+    pts = [retrieval.SweepPoint(src, n, s, v + 0.3 * s + j, v + 0.2 * s + j)
            for src, vals in (("retrieved", retr), ("synthetic", syn)) for n, v in zip(sizes + (40,), vals)
-           for s in range(3) if src == "synthetic" or n != 40]
+           for s in range(3) if src == "synthetic" or n != 40
+           for j in [0.2 * (s - 1) if src == "retrieved" else 0.0]]
     return retrieval.RetrievalRecord(
         strategies={}, sweep_strategy="knn_image", retrieved_max=max(sizes),
         sizes={"retrieved": list(sizes), "synthetic": list(sizes) + [40]}, seeds=[0, 1, 2],
@@ -297,25 +286,41 @@ def test_claim_per_size_across_sizes_and_beyond_the_maximum(tmp_path):
     assert len(fig.axes) == 2
 
 
-def test_load_pool_reads_01s_pool_index_or_the_manifest_captions(tmp_path):
-    art = tmp_path / "artifacts"
-    (art / "data" / "pool").mkdir(parents=True)
-    for i, colour in enumerate([(200, 0, 0), (0, 0, 200)]):
-        Image.new("RGB", (8, 8), colour).save(art / "data" / "pool" / f"p{i}.png")
-    (art / "data" / "pool" / "captions.jsonl").write_text(
-        json.dumps({"file": "p0.png", "caption": "red one", "class_name": "one"}) + "\n"
-        + json.dumps({"file": "p1.png", "caption": "blue two", "label": 1}) + "\n")
-    pool = retrieval.load_pool(art, ["one", "two"], 8)
-    assert pool.captions == ["red one", "blue two"] and pool.labels == [0, 1] and pool.source["kind"] == "index"
-    assert pool.images.shape == (2, 3, 8, 8) and int(pool.images[0, 0].float().mean()) == 200
-    import shutil
-    shutil.rmtree(art / "data" / "pool")
-    (art / "data" / "manifest.csv").write_text(
-        "id,path,index,label,class_name,split,caption\n"
-        f"a,{tmp_path / 'x.png'},-1,1,two,pool,photo of two\nb,,0,0,one,train,\n")
-    Image.new("RGB", (8, 8), (0, 200, 0)).save(tmp_path / "x.png")
-    pool = retrieval.load_pool(art, ["one", "two"], 8)
-    assert (pool.ids, pool.captions, pool.labels, pool.source["kind"]) == (["a"], ["photo of two"], [1], "manifest")
+def _pool(n: int = 4) -> dict:
+    """A pool as ``pool.make_pool`` returns it: ids, labels, uint8 images, captions with their kind."""
+    g = torch.Generator().manual_seed(0)
+    return {"ids": [f"digits/{i}" for i in range(n)], "labels": [i % 2 for i in range(n)],
+            "images": torch.randint(0, 255, (n, 3, 8, 8), generator=g, dtype=torch.uint8),
+            "captions": [{"caption": f"photo of {'two' if i % 2 else 'one'} hd", "kind": "correct",
+                          "caption_label": i % 2} for i in range(n)]}
+
+
+def test_01s_pool_index_round_trips_through_its_record_into_08(tmp_path):
+    from realfake_utils import prepare
+
+    pool = _pool()
+    idx = pl.save_pool(tmp_path / "artifacts" / "data" / "pool", pool, ["one", "two"])
+    assert idx.n == 4 and (tmp_path / "artifacts/data/pool/captions.jsonl").exists()
+    assert pl.save_pool(tmp_path / "artifacts" / "data" / "pool", pool, ["one", "two"]).key == idx.key  # reused
+    rec = _fill(prepare.PrepareRecord, class_names=["one", "two"], parts={}, base_model="", clip_model="")
+    rec = prepare.PrepareRecord.build(tmp_path, {}, **{k: v for k, v in vars(rec).items() if k != "parts"}
+                                      | {"pool_index": idx})
+    assert rec.pool_index.path == "artifacts/data/pool"            # relative to the run folder
+    rec.save(tmp_path)
+    back = prepare.PrepareRecord.load(tmp_path).pool_index
+    got = retrieval.load_pool(tmp_path, ["one", "two"], 8, prepared=back)
+    assert got.ids == pool["ids"] and got.labels == pool["labels"] and got.source["kind"] == "01_prepare"
+    assert got.captions == [c["caption"] for c in pool["captions"]] and torch.equal(got.images, pool["images"])
+    moved = tmp_path.parent / "moved"
+    tmp_path.rename(moved)                                          # a run folder can be moved
+    assert retrieval.load_pool(moved, ["one", "two"], 8, prepared=back).ids == pool["ids"]
+    Image.new("RGB", (8, 8)).save(moved / "artifacts/data/pool/images/000001.png")
+    with pytest.raises(RuntimeError, match="rerun 01_prepare"):    # a changed file is caught, not trusted
+        retrieval.load_pool(moved, ["one", "two"], 8, prepared=back)
+    with pytest.raises(ValueError, match="set 08's pool_index"):
+        retrieval.load_pool(moved, ["one", "two"], 8)
+    own = retrieval.load_pool(moved, ["one", "two"], 8, pool_index=str(moved / "artifacts/data/pool"))
+    assert own.source["kind"] == "pool_index" and len(own.ids) == 4
 
 
 def _fill(cls, **given):
@@ -356,7 +361,29 @@ def test_sweep_sources_read_03s_record(tmp_path):
     assert main == "lora-dm-vg-lp/k1" and set(found) == {"base-novg-t2i/k1", "base-novg-t2i/k1/s1",
                                                          "lora-dm-vg-lp/k1", "lora-dm-vg-lp/k2"}
     pool = retrieval.Pool([f"p{i}" for i in range(6)], images, [""] * 6, [0, 0, 1, 1, 1, 0], {})
-    sources, sizes = retrieval.sweep_sources(tmp_path, pool, [[0, 1], [2, 3]], "caption",
-                                             {"retrieved": [2, 4], "synthetic": [2, 4, 8, 12]}, ["a", "b"], 4)
+    task = retrieval.Task(["a", "b"], (images, torch.tensor([0, 0, 1, 1, 1, 0])), (images, torch.zeros(6)), pool, "", "")
+    sources, sizes = retrieval.sweep_sources(tmp_path, task, [[0, 1], [2, 3]], "caption",
+                                             {"retrieved": [2, 4], "synthetic": [2, 4, 8, 12]})
     assert [s.name for s in sources] == ["retrieved", "synthetic", "realfake"]
     assert sizes == {"retrieved": [2, 4], "synthetic": [2, 4, 8], "realfake": [2, 4]}
+
+
+def test_retrieve_all_composes_exclusion_dedup_and_the_clip_score_filter_on_a_planted_pool():
+    captions, img, cap, tmpl = _planted_pool()
+    images = torch.zeros(6, 3, 4, 4, dtype=torch.uint8)
+    pool = retrieval.Pool([f"p{i}" for i in range(6)], images, captions, [0, 1, 0, 1, 1, 1], {})
+    task = retrieval.Task(["zero", "one"], (images, torch.zeros(6)), (images, torch.zeros(6)), pool, "", "")
+    index = retrieval.Index(None, tmpl[:, 0], img, cap, tmpl)
+    exclude = torch.tensor([False, True, False, False, False, False])   # item 1 copies a test image
+    picks, st = retrieval.retrieve_all(task, index, ["caption", "knn_image"], exclude=exclude, knn_per_class=0,
+                                       dedup_within=1.0, clip_score_threshold=0.99)
+    # knn_image, 2 per class (0: the caption matches' mean per class, 4 / 2): [[0, 2], [3, 5]] after the
+    # exclusion; the 0.99 CLIP score drops item 3 (cosine 0.848 with "one")
+    assert picks["knn_image"] == [[0, 2], [5]]
+    k = st["knn_image"]
+    assert (k.n_images, k.per_class, k.label_precision) == (3, [2, 1], 1.0)
+    assert (k.test_duplicates_removed, k.removed_by_dedup, k.removed_by_clip_score) == (1, 0, 1)
+    # caption: matches 0, 2, 4, 5 (1 excluded); item 4 ("zero and one") fails 0.99 in either class
+    assert sorted(picks["caption"][0] + picks["caption"][1]) == [0, 2, 5]
+    assert (st["caption"].test_duplicates_removed, st["caption"].removed_by_clip_score) == (1, 1)
+    assert retrieval.strategy_lines(st)[1].startswith("knn_image") and "3 images" in retrieval.strategy_lines(st)[1]
