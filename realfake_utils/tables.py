@@ -323,9 +323,24 @@ def generator_checks(recs: RunRecords) -> Table:
     return t
 
 
+def retrieval_scratch(recs: RunRecords) -> Table:
+    """08's second table (not Geng et al.'s protocol): 04's from-scratch classifier trained on the real
+    train split, on 03's default set at k = 1 and on each retrieved set, top-1 % over seeds."""
+    r = recs.retrieval
+    label = r.scratch_label if r is not None else "second table: from-scratch classifier"
+    t = Table("retrieval_scratch", f"08_retrieval_baseline, {label}",
+              ["training data", "images", "top-1 % (95 % interval)", "seeds"])
+    for row in (r.scratch_table if r is not None else []):
+        est = stats.seed_stats(list(row["per_seed"].values()))
+        t.rows.append([row["label"], row["n_train"], est.fmt(), len(row["per_seed"])])
+    if not t.rows:
+        t.missing = not_measured("08_retrieval_baseline")
+    return t
+
+
 def all_tables(recs: RunRecords, paper: PaperNumbers, preset: str) -> dict[str, Table]:
     return {"checks": generator_checks(recs), "table1": table1(recs, paper, preset), "table2": table2(recs, paper),
-            "table3": table3(recs, paper), "table4": table4(recs, paper)}
+            "table3": table3(recs, paper), "table4": table4(recs, paper), "retrieval_scratch": retrieval_scratch(recs)}
 
 
 # --------------------------------------------------------------------------------------------- markdown

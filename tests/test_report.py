@@ -340,3 +340,16 @@ def test_generator_checks_from_01s_oracle_and_02s_samples(tmp_path):
     assert rows["lora-dm-vg samples: MMD² over the real noise floor (biased, CLIP space)"][1:] == [
         "2.5x (MMD² 0.1500 -> 0.0100)", "<= 3x", "yes"]
     assert T.generator_checks(T.RunRecords()).missing.startswith("not measured")
+
+
+def test_retrieval_second_table_from_08s_record(tmp_path):
+    rec = retrieval_record()
+    rec.scratch_table = [{"group": "real", "label": "real (full train split)", "n_train": 539, "mean": 97.0,
+                          "per_seed": {"0": 96.0, "1": 98.0}},
+                         {"group": "retrieved-caption", "label": "caption match", "n_train": 648, "mean": 76.0,
+                          "per_seed": {"0": 76.0}}]
+    t = T.retrieval_scratch(saved(tmp_path, rec))
+    assert "second table" in t.title and "not Geng et al.'s protocol" in t.title
+    assert t.rows == [["real (full train split)", 539, stats.seed_stats([96.0, 98.0]).fmt(), 2],
+                      ["caption match", 648, "76.0 (n=1)", 1]]
+    assert T.retrieval_scratch(T.RunRecords()).missing.startswith("not measured")
