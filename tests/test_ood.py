@@ -189,3 +189,36 @@ def test_no_ood_set_still_scores_every_classifier_on_the_clean_split(tmp_path):
     assert [r.ood_set for r in res] == ["clean"] and {r.classifier for r in res} == {runs[0].path}
     record = ood.build_record(res, {}, {})
     assert record.ood_sets == [] and "clean test split only" in ood.describe_sets({}, {})
+
+
+def test_paper_preset_clean_split_is_streamed_from_the_manifest(tmp_path):
+    """Without miniature variants the clean test split is a file-backed set (never one tensor in memory)
+    scored like an OOD folder, and no OOD set is claimed."""
+    import csv
+
+    data_dir = tmp_path / "artifacts" / "data"
+    data_dir.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(8):
+        path = data_dir / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(path)
+        rows.append({"id": f"c{i % 2}/img{i}.png", "path": str(path), "index": i, "label": i % 2,
+                     "class_name": f"c{i % 2}", "split": "test" if i < 4 else "train"})
+    with open(data_dir / "manifest.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    recipe = C.load_recipe("miniature", image_size=8, epochs=1, batch_size=4,
+                           model_kwargs={"channels": [8, 8, 8, 8], "stem_width": 8})
+    variants, folders, clean = ood.build_ood_sets(tmp_path, 8, recipe, miniature_variants=False)
+    assert variants == {} and clean is None and list(folders) == ["clean"] and len(folders["clean"]) == 4
+    assert isinstance(folders["clean"], ood.SplitImages) and "clean test split only" in ood.describe_sets(variants, folders)
+    ood.train_filter_models(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 0, 1]), 2, recipe,
+                            tmp_path / "artifacts" / "classifiers", n_models=1)
+    runs = [C.ClassifierRun(source="real", tables=["table1"], k=0, synthesis_seed=None, classifier_seed=0,
+                            top1=0.5, top5=1.0, n_train=4, path="artifacts/classifiers/filter_s10000")]
+    res = ood.evaluate_classifiers(tmp_path, runs, variants, folders, 2, clean=clean)
+    assert [(r.ood_set, r.n, r.restricted) for r in res] == [("clean", 4, False)]
+    record = ood.build_record(res, variants, folders)
+    assert record.ood_sets == [] and record.sets == {}
