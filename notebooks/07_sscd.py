@@ -63,13 +63,14 @@ fake_if_missing = True       # no synthetic set yet: use perturbed real images a
 import torch
 
 import realfake_utils as rf
-from realfake_utils import data, sscd
+from realfake_utils import sscd
 
 run = rf.setup(globals(), "07_sscd")
 torch.set_num_threads(torch_threads or min(torch.get_num_threads(), 2))
 data_dir = run.artifacts / "data"
-real, real_labels, real_rows = data.load_split(data_dir, ["pool", "train"], image_size)
-background, _, _ = data.load_split(data_dir, "test", image_size)
+# read batch by batch (sscd.LazyImages): a paper preset's splits and sets do not fit in memory at once
+real = sscd.split_images(data_dir, ["pool", "train"], image_size)
+background = sscd.split_images(data_dir, "test", image_size)
 print(f"reference: {len(real)} real training images (pool + train); background / non-copies: "
       f"{len(background)} held-out test images; descriptor input {sscd_preprocess} {sscd_size}")
 
@@ -83,7 +84,7 @@ if sscd_model:
     descriptor_path, expected_sha = sscd_model, sscd_sha256
 else:
     descriptor_path, expected_sha = sscd.train_miniature_descriptor(
-        real, run.artifacts / "sscd" / "miniature_descriptor.pt", size=sscd_size, dim=descriptor_dim,
+        real.all(), run.artifacts / "sscd" / "miniature_descriptor.pt", size=sscd_size, dim=descriptor_dim,
         width=descriptor_width, steps=descriptor_steps, batch_size=descriptor_batch_size, seed=seed,
         device=device, log_every=max(descriptor_steps // 4, 1))
 model = sscd.load_descriptor(descriptor_path, expected_sha, device=device)

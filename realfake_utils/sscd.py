@@ -620,9 +620,36 @@ def calibrate(embed, reference: torch.Tensor, d_reference: torch.Tensor, d_nonco
     return cal, info
 
 
+class LazyImages:
+    """Manifest rows read as uint8 images ``[N,3,H,W]`` only when indexed (an int or a slice), so 07
+    never holds a whole split or synthetic set in memory: a paper preset's sets reach ~10^5 images at
+    512 px (imagenette: 9 rows x 1x + the full method at 2x, 5x, 10x), tens of GB as one tensor.
+    :func:`compute_descriptors` reads it batch by batch."""
+
+    def __init__(self, rows: Sequence[dict], image_size: int):
+        self.rows, self.image_size = list(rows), int(image_size)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return data.load_images(self.rows[i], self.image_size)
+        return data.load_images([self.rows[int(i)]], self.image_size)[0]
+
+    def all(self) -> torch.Tensor:
+        """Every image as one tensor (the miniature descriptor's training set)."""
+        return data.load_images(self.rows, self.image_size)
+
+
+def split_images(data_dir: str | os.PathLike, split: str | Sequence[str], image_size: int) -> LazyImages:
+    """One split (or several) of the run's manifest as :class:`LazyImages`."""
+    return LazyImages(data.read_manifest(data_dir, split=split), image_size)
+
+
 def synthetic_sets(run, image_size: int, max_per_set: int = 0, only: Sequence[str] = ()
-                   ) -> tuple[dict[str, torch.Tensor], str]:
-    """``{set id: uint8 images}`` of 03's complete sets (``SynthesisRecord``; set id ``<name>/k<k>`` plus
+                   ) -> tuple[dict[str, LazyImages], str]:
+    """``{set id: images}`` (:class:`LazyImages`) of 03's complete sets (``SynthesisRecord``; set id ``<name>/k<k>`` plus
     ``/s<seed>`` for synthesis seeds > 0), or, without a record, every ``manifest.jsonl`` under
     ``artifacts/synthetic``; ``only`` restricts to those ids. Also returns the full method's set id
     (03's ``default_row``) or "" when absent."""
@@ -648,7 +675,7 @@ def synthetic_sets(run, image_size: int, max_per_set: int = 0, only: Sequence[st
             continue
         rows = syn.synthetic_rows(d)
         if rows:
-            out[sid] = data.load_images(rows[:max_per_set] if max_per_set else rows, image_size)
+            out[sid] = LazyImages(rows[:max_per_set] if max_per_set else rows, image_size)
     return out, default if default in out else ""
 
 
@@ -664,7 +691,7 @@ def stand_in_set(real: torch.Tensor, n: int = 200, seed: int = 0) -> torch.Tenso
 __all__ = [
     "COPY_THRESHOLD", "ChecksumError", "IMAGENET_MEAN", "IMAGENET_STD", "REPLICATION_THRESHOLD",
     "THRESHOLDS", "CALIBRATION_KINDS", "Calibration", "SSCDRecord", "SetCopies", "TinyDescriptor",
-    "calibrate", "calibrate_threshold", "planted_copies", "set_copies", "stand_in_set", "synthetic_sets", "augment", "background_normalize", "compute_descriptors",
+    "LazyImages", "calibrate", "calibrate_threshold", "planted_copies", "set_copies", "split_images", "stand_in_set", "synthetic_sets", "augment", "background_normalize", "compute_descriptors",
     "center", "copy_stats", "info_nce", "jpeg", "koleo", "load_descriptor", "near_copies",
     "plot_similarity_histogram", "build_sscd_shapes", "SSCDShaped", "SSCD_ARCHS", "plot_top_matches", "preprocess", "recorded_sha256", "sha256_file",
     "topk_similar", "train_miniature_descriptor",

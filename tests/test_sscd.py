@@ -155,3 +155,28 @@ def test_miniature_descriptor_calibrated_on_planted_copies_and_byte_stable(tmp_p
     copies, src, kinds = sscd.planted_copies(ref, 20, 0)
     rate = sscd.set_copies(sscd.topk_similar(embed(copies), embed(ref), k=1, device="cpu")[0][:, 0], cal)
     assert rate.copy_rate >= cal.recall - 1e-9
+
+
+def test_lazy_images_read_rows_only_when_indexed_and_give_the_same_descriptors(tmp_path):
+    """07 streams splits and sets (sscd.LazyImages): the same images and descriptors as one tensor."""
+    from PIL import Image
+
+    from realfake_utils import data
+
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randint(0, 255, (7, 3, 8, 8), generator=g, dtype=torch.uint8)
+    rows = []
+    for i, im in enumerate(imgs):
+        Image.fromarray(im.permute(1, 2, 0).numpy()).save(tmp_path / f"{i}.png")
+        rows.append({"id": str(i), "path": str(tmp_path / f"{i}.png"), "label": i % 2, "split": "train"})
+    lazy = sscd.LazyImages(rows, 8)
+    full = data.load_images(rows, 8)
+    assert len(lazy) == 7 and torch.equal(lazy[2], full[2]) and torch.equal(lazy[1:5], full[1:5])
+    assert torch.equal(lazy.all(), full)
+    model = sscd.TinyDescriptor(dim=8, width=4).eval()
+    assert torch.allclose(sscd.compute_descriptors(model, lazy, size=8, batch_size=3, device="cpu"),
+                          sscd.compute_descriptors(model, full, size=8, batch_size=3, device="cpu"), atol=1e-6)
+    (tmp_path / "3.png").unlink()                 # nothing was read ahead: a file is opened when indexed
+    assert torch.equal(lazy[0], full[0])
+    with pytest.raises(Exception):
+        lazy[3]
