@@ -162,8 +162,10 @@ def _checks_cell(rec: ReportRecord) -> str:
     if t is None or not t.rows:
         return "not measured"
     met = sum("**no**" not in str(r[3]) for r in t.rows)
+    part = sum("**no**" in str(r[3]) and "yes" in str(r[3]) for r in t.rows)
     oracle = [r for r in t.rows if str(r[0]).startswith("capacity oracle")]
-    return f"{met} of {len(t.rows)} met" + (f"; oracle {oracle[0][1].split(' (sample')[0]})" if oracle else "")
+    return (f"{met} of {len(t.rows)} met" + (f" ({part} in part)" if part else "")
+            + (f"; oracle {oracle[0][1].split('; sample')[0]})" if oracle else ""))
 
 
 def readme_results(runs: Sequence[str | Path]) -> str:
