@@ -85,7 +85,8 @@ n_per_class = 20           # generated samples per class for the grids and the M
 sample_steps = 20
 guidance_scale = 2.0
 lora_scale = 1.0           # LoRA scale for the "after" samples (03_synthesize uses 0.5, the official value)
-use_negative_prompt = False  # the official negative prompt (SD 1.5 presets); the miniature knows "" only
+use_negative_prompt = False  # a negative prompt for the samples (SD 1.5 presets); the miniature knows "" only
+negative_prompt = "distorted, unrealistic, blurry, out of frame, cropped, deformed"   # official generate.py (paper presets: Apx. E)
 grid_per_class = 8
 expect_gap_reduction = True  # assert that fine-tuning lowers the MMD of the main variant
 

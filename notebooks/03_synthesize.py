@@ -60,6 +60,7 @@ guidance_scale = 2.0               # Table 6
 latent_prior_strength = 0.75       # Table 6 Img_strength
 guidance_feature = "class_mean"    # class_mean (Sec. 3.2) | source (the official code)
 negative_guidance_token = False
+negative_prompt = "distorted, unrealistic, blurry, out of frame, cropped, deformed"   # official generate.py; paper presets: Apx. E's
 batch_size = 256                   # a throughput setting (the official 24 on a GPU)
 grid_per_class = 6
 

@@ -32,8 +32,11 @@ import torch
 from .models import check_guidance_compat, load_blip2, load_clip_vision
 from .rundir import atomic_path, read_json, write_json
 
-# generate.py of BAAI-DCAI/Training-Data-Synthesis (StableDiffusionHandler.generate_ImageNet1k).
+# generate.py of BAAI-DCAI/Training-Data-Synthesis (StableDiffusionHandler.generate_ImageNet1k): the
+# notebooks' default (the miniature CLIP's vocabulary holds it) and the -official presets' value.
 NEGATIVE_PROMPT = "distorted, unrealistic, blurry, out of frame, cropped, deformed"
+# Apx. E's wording ("a uniform set of negative prompts"): the paper presets' value (02 / 03 ``negative_prompt``).
+NEGATIVE_PROMPT_PAPER = "distorted, unrealistic, blurry, out of frame"
 # How the visual guidance token enters the prompt embeddings: "append" = the paper's Sec. 3.2
 # (concatenated), "replace_last" = the official code (last position overwritten).
 GUIDANCE_TOKEN_POSITIONS = ("append", "replace_last")

@@ -856,6 +856,7 @@ class SampleSettings:
     guidance_scale: float = 2.0
     lora_scale: float = 1.0
     use_negative_prompt: bool = False
+    negative_prompt: str = features.NEGATIVE_PROMPT   # its wording (paper presets: Apx. E's)
     image_size: int = 0                 # height = width of the samples (0: the pipeline's default)
 
     @classmethod
@@ -864,7 +865,8 @@ class SampleSettings:
         p.update({k: v for k, v in params.items() if k in p})
         return cls(n_per_class=int(p["n_per_class"]), num_inference_steps=int(p["sample_steps"]),
                    guidance_scale=float(p["guidance_scale"]), lora_scale=float(p["lora_scale"]),
-                   use_negative_prompt=bool(p["use_negative_prompt"]), image_size=int(p["image_size"]))
+                   use_negative_prompt=bool(p["use_negative_prompt"]), negative_prompt=str(p["negative_prompt"]),
+                   image_size=int(p["image_size"]))
 
 
 @dataclass
@@ -1049,7 +1051,7 @@ def train_variants(run: Any, cfg: FinetuneConfig, variants: Sequence[str], clip_
         size = sampling.image_size or image_size
         pipe = models.load_pipeline(cfg.base_model, device=cfg.device, scheduler=None)
         class_means = features.class_mean_features(ts.image_embeds, ts.labels, len(class_names))
-        neg = features.NEGATIVE_PROMPT if sampling.use_negative_prompt else ""
+        neg = sampling.negative_prompt if sampling.use_negative_prompt else ""
         real = ts.image_embeds.float()
         bandwidth = losses.median_bandwidth(real)
         rec.mmd_bandwidth = bandwidth

@@ -106,21 +106,41 @@ def mmd2(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(_mmd2(x, y, kernel="gaussian", unbiased=True))
 
 
-def mmd_report(sample_feats: torch.Tensor, train_feats: torch.Tensor, test_feats: torch.Tensor) -> dict[str, float]:
+def _equal_size_biased(a: torch.Tensor, b: torch.Tensor, train: torch.Tensor, kw: dict, draws: int,
+                       seed: int) -> tuple[float, float, int]:
+    """Biased MMD² of ``a`` and of ``b`` to ``train`` with the larger of ``a`` / ``b`` drawn down to the
+    smaller's size (the mean over ``draws`` seeded subsets): the V-statistic's bias is about
+    ``(1 - mean k) / n`` on each side, so two estimates are comparable only at one ``n``."""
+    n = min(len(a), len(b))
+    g = torch.Generator().manual_seed(seed)
+
+    def mean_biased(x: torch.Tensor) -> float:
+        if len(x) == n:
+            return float(_mmd2(x, train, unbiased=False, **kw))
+        return float(np.mean([_mmd2(x[torch.randperm(len(x), generator=g)[:n]], train, unbiased=False, **kw)
+                              for _ in range(draws)]))
+    return mean_biased(a), mean_biased(b), n
+
+
+def mmd_report(sample_feats: torch.Tensor, train_feats: torch.Tensor, test_feats: torch.Tensor,
+               draws: int = 8, seed: int = 0) -> dict[str, float]:
     """MMD² of samples to the target train set in CLIP space beside the real noise floor (the real test
     set vs the train set), with one Gaussian bandwidth for both (the median pairwise distance of the
     train features). ``mmd2_vs_train`` / ``noise_floor``: unbiased (U-statistic; the floor is ~0 and can
-    be negative); ``ratio``: of the biased (V-statistic, always > 0) estimates, samples / floor, the
-    number the goal "within 3x of the real-test noise floor" is read on."""
+    be negative); ``ratio``: samples / floor of the biased (V-statistic, always > 0) estimates at one
+    sample size ``n_equal`` (the larger of samples / test drawn down to the smaller, mean of ``draws``
+    subsets), the number the goal "within 3x of the real-test noise floor" is read on. At unequal sizes
+    the V-statistic's ``1/n`` bias alone would move the ratio (more test images, lower floor)."""
+    s = torch.as_tensor(sample_feats, dtype=torch.float64)
     t = torch.as_tensor(train_feats, dtype=torch.float64)
+    te = torch.as_tensor(test_feats, dtype=torch.float64)
     bw = float(torch.cdist(t, t).flatten().median()) or 1.0
     kw = dict(kernel="gaussian", bandwidth=bw)
-    m = float(_mmd2(sample_feats, train_feats, unbiased=True, **kw))
-    floor = float(_mmd2(test_feats, train_feats, unbiased=True, **kw))
-    vm = float(_mmd2(sample_feats, train_feats, unbiased=False, **kw))
-    vfloor = float(_mmd2(test_feats, train_feats, unbiased=False, **kw))
+    m = float(_mmd2(s, t, unbiased=True, **kw))
+    floor = float(_mmd2(te, t, unbiased=True, **kw))
+    vm, vfloor, n = _equal_size_biased(s, te, t, kw, draws, seed)
     return {"mmd2_vs_train": m, "noise_floor": floor, "biased_vs_train": vm, "biased_noise_floor": vfloor,
-            "ratio": vm / max(vfloor, 1e-12), "bandwidth": bw}
+            "ratio": vm / max(vfloor, 1e-12), "n_equal": n, "bandwidth": bw}
 
 
 __all__ = ["MMD_RATIO_GOAL", "PROBE_GOAL", "feature_probe_accuracy", "mmd2", "mmd_report", "probe_accuracy", "probe_features",

@@ -30,7 +30,7 @@ KERNEL = "realfake-kit"
 # parameters of the notebook that uses them (Table 6: 03's sampler; Table 7: 02's LoRA fine-tuning;
 # Table 8: 04's classifier recipe, params/recipes/<recipe>.yaml + recipe_overrides).
 TABLE6_SYNTHESIS = ("image_size", "num_inference_steps", "guidance_scale", "latent_prior_strength", "lora_scale",
-                    "guidance_feature", "batch_size")
+                    "guidance_feature", "negative_prompt", "batch_size")
 TABLE7_LORA = ("image_size", "lora_rank", "lora_alpha", "learning_rate", "lr_warmup_steps", "global_batch_size",
                "gradient_accumulation_steps", "num_train_epochs", "max_train_steps", "snr_gamma", "dm_loss",
                "dm_loss_form", "dm_loss_weight", "visual_guidance", "guidance_token_position",
@@ -52,8 +52,7 @@ def recipe_tables(resolved: dict[str, dict]) -> dict[str, dict]:
     if syn_p:
         out["Table 6 synthesis (03_synthesize)"] = {
             "sampler": "UniPC (synthesize.SynthesisSettings.scheduler)",
-            **{k: syn_p[k] for k in TABLE6_SYNTHESIS if k in syn_p},
-            "negative_prompt (Apx. E; features.NEGATIVE_PROMPT, used when 02/03 use one)": _negative_prompt()}
+            **{k: syn_p[k] for k in TABLE6_SYNTHESIS if k in syn_p}}
     if ft_p:
         lora = {k: ft_p[k] for k in TABLE7_LORA if k in ft_p}
         if lora.get("num_train_epochs"):      # epochs decide; max_train_steps is not used
@@ -68,12 +67,6 @@ def recipe_tables(resolved: dict[str, dict]) -> dict[str, dict]:
         out[key] = {"description": rc.get("description", ""), **{k: rc[k] for k in TABLE8_CLASSIFIER if k in rc},
                     "sources": rc.get("sources", {})}
     return out
-
-
-def _negative_prompt() -> str:
-    from .features import NEGATIVE_PROMPT  # lazy: the CLI starts without torch (features imports it)
-
-    return NEGATIVE_PROMPT
 
 
 def show_text(name: str, overrides: dict | None = None) -> str:

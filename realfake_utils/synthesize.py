@@ -154,6 +154,7 @@ class SynthesisSettings:
     guidance_feature: str = "class_mean"   # "class_mean" | "source" (official code)
     guidance_token_position: str = "replace_last"   # as 02 trained: "append" (paper) | "replace_last"
     negative_guidance_token: bool = False
+    negative_prompt: str = NEGATIVE_PROMPT   # the official wording; the paper presets: Apx. E's
     num_inference_steps: int = 30
     guidance_scale: float = 2.0
     image_size: int = 512
@@ -190,6 +191,8 @@ def settings_hash(settings: SynthesisSettings, guidance_digest: str = "") -> str
         d.pop("lora_scale"), d.pop("fuse_lora")
     if not settings.visual_guidance:
         d.pop("guidance_feature"), d.pop("negative_guidance_token"), d.pop("guidance_token_position")
+    if settings.negative_prompt == NEGATIVE_PROMPT:
+        d.pop("negative_prompt")   # the wording before it was a parameter: sets made then keep their hash
     return content_hash(d, 12)
 
 
@@ -486,7 +489,7 @@ def generate_batch(pipe, batch: Sequence[Item], settings: SynthesisSettings | di
     device, dtype = pipe.unet.device, pipe.unet.dtype
     scale = getattr(pipe, "_realfake_lora_scale", None)
     pe = _encode(pipe, [it.prompt for it in batch], scale)
-    ne = _encode(pipe, [NEGATIVE_PROMPT] * len(batch), scale)
+    ne = _encode(pipe, [st.negative_prompt] * len(batch), scale)
     if st.visual_guidance:  # Sec. 3.2: the token enters as 02 trained it (append | replace_last)
         g = torch.as_tensor(guidance).to(device=pe.device, dtype=pe.dtype)
         pos = st.guidance_token_position
@@ -743,6 +746,7 @@ class SynthesisConfig:
     latent_prior_strength: float
     guidance_feature: str
     negative_guidance_token: bool
+    negative_prompt: str
     batch_size: int
     dtype: str
     device: str
@@ -883,6 +887,7 @@ def synthesize_rows(run: Any, cfg: SynthesisConfig, progress: bool = True, mmd: 
     captions = art / "captions.json"
     common = dict(lora_scale=cfg.lora_scale, strength=cfg.latent_prior_strength,
                   guidance_feature=cfg.guidance_feature, negative_guidance_token=cfg.negative_guidance_token,
+                  negative_prompt=cfg.negative_prompt,
                   num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                   image_size=cfg.image_size, dtype=_dtype(cfg))
     sets, skipped, pipes = [], [], {}

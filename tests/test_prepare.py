@@ -52,3 +52,16 @@ def test_sample_probe_and_mmd_report():
     f = torch.randn(200, 8)
     rep = probe.mmd_report(f[:60] + 2.0, f[60:130], f[130:])
     assert rep["ratio"] > 3 and rep["mmd2_vs_train"] > rep["noise_floor"]
+
+
+def test_mmd_ratio_compares_equal_sample_sizes():
+    # samples from the target itself must sit at the noise floor (ratio ~1) whatever their number: at
+    # unequal sizes the biased estimate's 1/n term alone would put 50 samples ~3x above 400 test points
+    g = torch.Generator().manual_seed(0)
+    train, test, few = (torch.randn(n, 8, generator=g) for n in (300, 400, 50))
+    rep = probe.mmd_report(few, train, test)
+    assert rep["n_equal"] == 50 and 0.7 < rep["ratio"] < 1.4
+    naive = float(probe._mmd2(few, train, unbiased=False, kernel="gaussian", bandwidth=rep["bandwidth"])) / float(
+        probe._mmd2(test, train, unbiased=False, kernel="gaussian", bandwidth=rep["bandwidth"]))
+    assert naive > 1.8                                  # what the unequal-size ratio reported
+    assert probe.mmd_report(test, train, few)["n_equal"] == 50   # the larger side is drawn down, either way

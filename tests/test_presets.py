@@ -40,6 +40,8 @@ PAPER_VALUES = {
     ("03_synthesize", "guidance_scale"): (2.0, "Table 6, column 'Guidance scale'"),
     ("03_synthesize", "latent_prior_strength"): (0.75, "Table 6, column 'Img_strength'"),
     ("03_synthesize", "guidance_feature"): ("class_mean", "Sec. 3.2"),
+    ("03_synthesize", "negative_prompt"): ("distorted, unrealistic, blurry, out of frame", "Apx. E"),
+    ("02_finetune", "negative_prompt"): ("distorted, unrealistic, blurry, out of frame", "Apx. E"),
     ("03_synthesize", "rows"): (NINE_ROWS, "Table 2, rows 1-9"),
     ("03_synthesize", "default_row"): ("lora-dm-vg-lp", "Table 2, row 9 = Table 1 'OURS'"),
     ("03_synthesize", "scale_k"): ([1, 2, 5, 10], "Table 3 rows x1, x2, x5, x10 / Fig. 2"),
@@ -80,7 +82,7 @@ PVO_KEYS = {
     "snr_gamma": ("02_finetune", "snr_gamma"), "num_train_epochs": ("02_finetune", "num_train_epochs"),
     "guidance_token_position": ("shared", "guidance_token_position"),
     "guidance_feature_train": ("shared", "guidance_feature_train"),
-    "guidance_feature": ("03_synthesize", "guidance_feature"),
+    "guidance_feature": ("03_synthesize", "guidance_feature"), "negative_prompt": ("shared", "negative_prompt"),
     "classifier_global_batch_size": ("recipe", "global_batch_size"), "classifier_hflip": ("recipe", "hflip"),
     "classifier_color_jitter": ("recipe", "color_jitter"), "classifier_warmup_epochs": ("recipe", "warmup_epochs"),
 }

@@ -156,6 +156,9 @@ def test_lora_scale_zero_equals_no_lora_and_scale_changes_output(env):
     # the guidance token and the negative's token change the output
     assert (run(visual_guidance=False) - half).abs().max() > 0
     assert (run(negative_guidance_token=True) - half).abs().max() > 0
+    # the negative prompt's wording reaches the negative branch (the tiny test tokenizer knows few of
+    # its words, so the test drops it; Apx. E vs generate.py differ in two words)
+    assert (run(negative_prompt="") - half).abs().max() > 0
 
 
 def test_settings_hash_covers_the_pixels_and_refuses_mixing(env, tmp_path):
@@ -166,6 +169,7 @@ def test_settings_hash_covers_the_pixels_and_refuses_mixing(env, tmp_path):
     assert syn.settings_hash(dataclasses.replace(st, strength=0.5), "g") != h
     assert syn.settings_hash(st, "other-features") != h
     assert syn.settings_hash(dataclasses.replace(st, lora_name="x"), "g") == h  # a label only
+    assert syn.settings_hash(dataclasses.replace(st, negative_prompt="distorted"), "g") != h
     set_dir = tmp_path / "s"
     syn.prepare_set(set_dir, st, 1, source_manifest=env["manifest"], guidance_features=env["feats"])
     with pytest.raises(ValueError, match="other settings"):
@@ -275,6 +279,7 @@ def _cfg(**over):
              scale_k=[1, 2], synthesis_seeds=[0, 1], base_model="", clip_model="", image_size=16,
              lora_scale=0.5, num_inference_steps=2, guidance_scale=2.0, latent_prior_strength=0.75,
              guidance_feature="class_mean", negative_guidance_token=False, batch_size=4, dtype="auto",
+             negative_prompt="distorted, unrealistic, blurry, out of frame",
              device="cpu")
     p.update(over)
     return syn.SynthesisConfig.from_params(p)
