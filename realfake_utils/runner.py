@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import errno
+import logging
 import os
 import sys
 import time
@@ -185,9 +186,10 @@ def _execute(notebooks: list[str], params: dict, run_folder: RunDir, preset: str
         print(f"[{i}/{len(notebooks)}] {nb} ...", end=" ", flush=True)
         t0 = time.time()
         try:
-            with _stderr_to(run_folder.root / "kernels.log"):  # kernel start-up chatter, not for the terminal
+            with _stderr_to(run_folder.root / "kernels.log"), _progress_to(run_folder.root / "progress.log", nb):
                 pm.execute_notebook(str(_params.NOTEBOOK_DIR / f"{nb}.ipynb"), str(out), parameters=params[nb],
-                                    kernel_name=kernel, cwd=str(_params.NOTEBOOK_DIR), progress_bar=False)
+                                    kernel_name=kernel, cwd=str(_params.NOTEBOOK_DIR), progress_bar=False,
+                                    log_output=True)
         except pm.PapermillExecutionError as err:
             dt = time.time() - t0
             print(f"FAILED after {dt:.0f}s", flush=True)
@@ -222,6 +224,26 @@ def _execute(notebooks: list[str], params: dict, run_folder: RunDir, preset: str
         print(f"Report: {report}")
     _log(log, f"run of {notebooks} done in {total:.1f}s")
     return run_folder
+
+
+@contextmanager
+def _progress_to(path: Path, nb: str):
+    """Stream the cells' printed output (progress bars included) to ``path`` as it happens, each line
+    stamped with the time and the notebook: ``tail -f runs/<preset>/progress.log`` follows a batch run."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {nb} %(message)s", "%H:%M:%S"))
+    logger = logging.getLogger("papermill")
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False        # not to the terminal, which shows one line per notebook
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+        handler.close()
 
 
 @contextmanager

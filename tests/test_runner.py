@@ -56,6 +56,12 @@ def test_run_executes_with_papermill_and_reports_failures(nb_world, capsys):
     assert json.loads((run_dir / "results" / "01_beta.json").read_text()) == {"steps": 3}
     assert (run_dir / "01_beta.ipynb").exists() and "01_beta ok" in (run_dir / "run.log").read_text()
     assert "[1/1] 01_beta ... ok" in capsys.readouterr().out
+    # the cells' output streams into progress.log as they run (a batch run is followed with tail -f)
+    make_notebook(world / "notebooks" / "01_beta.ipynb", BETA, "print('step 7 of 10')")
+    runner.main(["run", "--preset", "small", "--only", "01", "--run-dir", str(run_dir)])
+    assert any(line.endswith("01_beta step 7 of 10") or " 01_beta step 7 of 10" in line
+               for line in (run_dir / "progress.log").read_text().splitlines())
+    assert "step 7 of 10" not in capsys.readouterr().out   # the terminal keeps one line per notebook
     with pytest.raises(SystemExit, match="02_fail failed in cell .*ValueError: planted failure"):
         runner.main(["run", "--preset", "small", "--from", "02", "--run-dir", str(run_dir)])
 
