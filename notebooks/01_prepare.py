@@ -189,7 +189,8 @@ assert target.feats["train"].shape == (len(d.split["train"]), target.dim) and to
 # %%
 oracle = None
 if miniature and oracle_steps > 0:
-    oracle, parts["oracle"], fig = prepare.capacity_oracle(art, d, target, cfg, sample_steps, guidance_scale, device)
+    oracle, parts["oracle"], fig = prepare.capacity_oracle(art, d, target, cfg, sample_steps, guidance_scale, device,
+                                                           max_oracle_gap)
     run.save_figure(fig, "01_oracle_samples")
     print(prepare.oracle_line(oracle))
 if parts:

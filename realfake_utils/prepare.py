@@ -223,7 +223,8 @@ def excluded_count(data_dir: str | os.PathLike) -> tuple[int, Path]:
 def oracle_check(art_dir: str | os.PathLike, class_names: Sequence[str], train: tuple, test: tuple,
                  train_rows: Sequence[dict], prompts: Sequence[str], cfg: MiniatureConfig,
                  sample_steps: int = 20, guidance_scale: float = 2.0, recipe: str = "miniature",
-                 device: str = "auto", log=print) -> tuple[OracleCheck, PartSummary, torch.Tensor, torch.Tensor]:
+                 device: str = "auto", log=print, max_gap: float = 3.0
+                 ) -> tuple[OracleCheck, PartSummary, torch.Tensor, torch.Tensor]:
     """Train (or reuse) the capacity oracle (``pretrain.train_oracle``), sample it at 1x and compare
     synthetic-only with real top-1 (``classify.synthetic_only_check``). ``train`` / ``test``:
     ``(uint8 images, labels)``. Returns ``(check, oracle part, samples, sample labels)``."""
@@ -237,7 +238,7 @@ def oracle_check(art_dir: str | os.PathLike, class_names: Sequence[str], train: 
     probe = probe_accuracy(train[0], train[1], {"oracle": (x, y)}, seed=cfg.seed)["oracle"]
     check = OracleCheck(steps=cfg.oracle_steps, n_samples=len(y), real_top1=acc["real"],
                         synthetic_top1=acc["synthetic"], gap=acc["gap"], probe=probe, sample_steps=sample_steps,
-                        guidance_scale=guidance_scale, recipe=recipe)
+                        guidance_scale=guidance_scale, recipe=recipe, max_gap=float(max_gap))
     check.within_goal = check.gap <= check.max_gap
     return check, part, x, y
 
@@ -343,13 +344,14 @@ def target_features(art_dir: str | os.PathLike, splits: Splits, clip_path: str, 
 
 
 def capacity_oracle(art_dir: str | os.PathLike, splits: Splits, target: TargetFeatures, cfg: MiniatureConfig,
-                    sample_steps: int = 20, guidance_scale: float = 2.0, device: str = "auto"):
+                    sample_steps: int = 20, guidance_scale: float = 2.0, device: str = "auto",
+                    max_gap: float = 3.0):
     """:func:`oracle_check` on the target's train and test splits (trained on ``target.prompts``) and the
     figure of its samples (``plots.per_class_grid``). Returns ``(check, oracle part, figure)``."""
     im, lab = splits.images, splits.labels
     check, part, x, y = oracle_check(art_dir, splits.class_names, (im["train"], lab["train"]),
                                      (im["test"], lab["test"]), splits.split["train"], target.prompts, cfg,
-                                     sample_steps, guidance_scale, device=device)
+                                     sample_steps, guidance_scale, device=device, max_gap=max_gap)
     fig = per_class_grid(x, y, splits.class_names, per_class=8, suptitle="capacity oracle (trained on the target)")
     return check, part, fig
 

@@ -26,6 +26,10 @@ def test_oracle_and_prepare_record_round_trip(tmp_path):
                                                sample_steps=2, device="cpu", log=lambda *a: None)
     assert part.built and part.steps == 2 and sx.shape == (16, 3, 16, 16) and sorted(sy.tolist()) == sorted(train[1].tolist())
     assert 0 <= check.synthetic_top1 <= 100 and check.gap == pytest.approx(check.real_top1 - check.synthetic_top1)
+    # the goal is the caller's max_gap (01's max_oracle_gap), reused from the cached oracle
+    loose, *_ = prepare.oracle_check(run.artifacts, NAMES, train, test, rows[:16], prompts, cfg, sample_steps=2,
+                                     device="cpu", log=lambda *a: None, max_gap=check.gap + 1.0)
+    assert loose.max_gap == check.gap + 1.0 and loose.within_goal
     again = P.train_oracle(run.artifacts, rows[:16], train[0], prompts, cfg, log=lambda *a: None)
     assert not again.built and again.final_loss == part.final_loss
     parts = dict(res["parts"], oracle=part)
