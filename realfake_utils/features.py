@@ -35,8 +35,7 @@ from .rundir import atomic_path, read_json, write_json
 # generate.py of BAAI-DCAI/Training-Data-Synthesis (StableDiffusionHandler.generate_ImageNet1k): the
 # notebooks' default (the miniature CLIP's vocabulary holds it) and the -official presets' value.
 NEGATIVE_PROMPT = "distorted, unrealistic, blurry, out of frame, cropped, deformed"
-# Apx. E's wording ("a uniform set of negative prompts"): the paper presets' value (02 / 03 ``negative_prompt``).
-NEGATIVE_PROMPT_PAPER = "distorted, unrealistic, blurry, out of frame"
+# The paper presets set Apx. E's shorter wording through 02 / 03's ``negative_prompt`` (params/_paper.yaml).
 # How the visual guidance token enters the prompt embeddings: "append" = the paper's Sec. 3.2
 # (concatenated), "replace_last" = the official code (last position overwritten).
 GUIDANCE_TOKEN_POSITIONS = ("append", "replace_last")

@@ -408,7 +408,7 @@ def test_synthetic_target_repeats_02_and_03_on_the_members(tmp_path):
                                synthesis_seeds=[0], base_model=str(base), clip_model=str(clip), image_size=16,
                                lora_scale=0.5, num_inference_steps=2, guidance_scale=2.0,
                                latent_prior_strength=0.75, guidance_feature="class_mean",
-                               negative_guidance_token=False, negative_prompt="", batch_size=16, dtype="float32",
+                               negative_guidance_token=False, negative_prompt=syn.NEGATIVE_PROMPT, batch_size=16, dtype="float32",
                                device="cpu")
     syn.synthesize_rows(run, scfg, progress=False, mmd=False).save(run)
 
